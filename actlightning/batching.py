@@ -1,0 +1,147 @@
+"""Pure functions that turn tokenized sequences into padded batches and batches into shards.
+
+A *plan* is the list of shards of a whole export, each a list of batches, each an array of positions
+into the tokenized store. It depends only on the data and the settings, never on the device count:
+ranks take whole shards, so every example is exported exactly once whatever the world size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+
+PaddingSide = Literal["right", "left"]
+
+
+@dataclass
+class TokenStore:
+    """Tokenized sequences packed into one array: sequence ``i`` is ``values[offsets[i]:offsets[i + 1]]``."""
+
+    values: np.ndarray
+    offsets: np.ndarray
+    example_ids: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.example_ids)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    @classmethod
+    def from_sequences(cls, sequences: Sequence[Sequence[int]], example_ids: Sequence[int] | None = None) -> TokenStore:
+        lengths = np.fromiter((len(s) for s in sequences), dtype=np.int64, count=len(sequences))
+        offsets = np.zeros(len(sequences) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        values = np.fromiter((t for s in sequences for t in s), dtype=np.int64, count=int(offsets[-1]))
+        ids = np.arange(len(sequences)) if example_ids is None else np.asarray(example_ids, dtype=np.int64)
+        return cls(values, offsets, ids)
+
+    def select(self, positions: np.ndarray, max_length: int | None = None) -> TokenStore:
+        """A new store holding ``positions`` in that order, each cut to its first ``max_length`` tokens."""
+        positions = np.asarray(positions, dtype=np.int64)
+        starts = self.offsets[positions]
+        lengths = self.offsets[positions + 1] - starts
+        if max_length is not None:
+            lengths = np.minimum(lengths, max_length)
+        offsets = np.zeros(len(positions) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        gather = np.repeat(starts - offsets[:-1], lengths) + np.arange(offsets[-1])
+        return TokenStore(self.values[gather], offsets, self.example_ids[positions])
+
+    def sequence(self, position: int) -> np.ndarray:
+        return self.values[self.offsets[position] : self.offsets[position + 1]]
+
+
+def length_order(lengths: np.ndarray, descending: bool = False) -> np.ndarray:
+    """Stable order of positions by token count (ties keep their input order)."""
+    keys = -lengths if descending else lengths
+    return np.argsort(keys, kind="stable")
+
+
+def chunk_batches(num_examples: int, batch_size: int) -> list[np.ndarray]:
+    """Consecutive positions in batches of ``batch_size``; the last one may be shorter."""
+    if batch_size <= 0:
+        raise ValueError(f"data.batch_size must be a positive integer, got {batch_size}")
+    return [np.arange(s, min(s + batch_size, num_examples)) for s in range(0, num_examples, batch_size)]
+
+
+def group_shards(batches: list[np.ndarray], batches_per_shard: int, max_shards: int | None = None) -> list[list[np.ndarray]]:
+    """Consecutive batches grouped into shards of ``batches_per_shard``; keeps at most ``max_shards``.
+
+    Every shard but the last is full: the prototype's last shard was one batch short.
+    """
+    shards = [batches[s : s + batches_per_shard] for s in range(0, len(batches), batches_per_shard)]
+    return shards if max_shards is None else shards[:max_shards]
+
+
+def assign_shards(shard_tokens: Sequence[int], world_size: int) -> list[list[int]]:
+    """Split shard indices across ranks with balanced token counts; each rank keeps plan order.
+
+    Greedy: each shard, largest first, goes to the rank with the fewest tokens so far. Deterministic,
+    so every rank computes the same assignment without communicating.
+    """
+    loads = [0] * world_size
+    owned: list[list[int]] = [[] for _ in range(world_size)]
+    for shard in sorted(range(len(shard_tokens)), key=lambda i: (-shard_tokens[i], i)):
+        rank = min(range(world_size), key=lambda r: (loads[r], r))
+        loads[rank] += shard_tokens[shard]
+        owned[rank].append(shard)
+    return [sorted(shards) for shards in owned]
+
+
+@dataclass
+class PlannedBatch:
+    """One batch of the plan: positions into the store, and where it sits in its shard."""
+
+    positions: np.ndarray
+    shard_index: int
+    last_in_shard: bool
+
+
+def rank_batches(
+    shards: list[list[np.ndarray]], shard_ids: Sequence[int], owned: Sequence[int]
+) -> list[PlannedBatch]:
+    """The batches one rank runs, in order: all batches of each of its shards, shard after shard."""
+    planned = []
+    for local in owned:
+        batches = shards[local]
+        for i, positions in enumerate(batches):
+            planned.append(PlannedBatch(positions, shard_ids[local], i == len(batches) - 1))
+    return planned
+
+
+def collate(
+    store: TokenStore, planned: PlannedBatch, pad_id: int = 0, padding_side: PaddingSide = "right"
+) -> dict:
+    """Pad one batch; returns the model inputs plus what the writer needs to place each row.
+
+    Position ids count real tokens from 0 whatever the padding side, so a padded row sees the same
+    positions as the sequence alone (GPT-2 with left padding and default positions is off by ~3).
+    """
+    positions = planned.positions
+    lengths = store.lengths[positions]
+    seq_len = int(lengths.max()) if len(lengths) else 0
+    input_ids = np.full((len(positions), seq_len), pad_id, dtype=np.int64)
+    attention_mask = np.zeros((len(positions), seq_len), dtype=np.int64)
+    position_ids = np.zeros((len(positions), seq_len), dtype=np.int64)
+    first_token = np.zeros(len(positions), dtype=np.int64) if padding_side == "right" else seq_len - lengths
+    for row, (position, start) in enumerate(zip(positions, first_token)):
+        tokens = store.sequence(position)
+        input_ids[row, start : start + len(tokens)] = tokens
+        attention_mask[row, start : start + len(tokens)] = 1
+        position_ids[row, start : start + len(tokens)] = np.arange(len(tokens))
+    return {
+        "input_ids": torch.from_numpy(input_ids),
+        "attention_mask": torch.from_numpy(attention_mask),
+        "position_ids": torch.from_numpy(position_ids),
+        "lengths": torch.from_numpy(lengths.astype(np.int64)),
+        "first_token": torch.from_numpy(np.asarray(first_token, dtype=np.int64)),
+        "example_id": torch.from_numpy(store.example_ids[positions]),
+        "shard_index": planned.shard_index,
+        "last_in_shard": planned.last_in_shard,
+    }

@@ -1,0 +1,85 @@
+"""The command line: ``python -m actlightning predict --config configs/X.yaml [--section.key value ...]``."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+
+from actlightning.data import ActivationDataModule
+from actlightning.module import ActivationModule
+from actlightning.writer import ParquetShardWriter
+
+log = logging.getLogger("actlightning")
+
+TRAINER_DEFAULTS = {
+    # An export trains nothing: no loggers, no checkpoints.
+    "logger": False,
+    "enable_checkpointing": False,
+    "enable_model_summary": False,
+    # The data module gives each rank its own shards; a distributed sampler would split them again.
+    "use_distributed_sampler": False,
+}
+
+
+def configure_logging(log_file: Path | None) -> None:
+    """INFO logs of this package to stderr, and with ``log_file`` also Lightning's, to that file."""
+    formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log.setLevel(logging.INFO)
+    if not any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler) for h in log.handlers):
+        stream = logging.StreamHandler(sys.stderr)
+        stream.setFormatter(formatter)
+        log.addHandler(stream)
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(log_file)
+        handler.setFormatter(formatter)
+        for name in ("actlightning", "lightning.pytorch", "lightning.fabric"):
+            logging.getLogger(name).addHandler(handler)
+
+
+class ActLightningCLI(LightningCLI):
+    """LightningCLI with four sections: ``model``, ``data``, ``writer`` (forced callback) and ``trainer``."""
+
+    def __init__(self, args: ArgsType = None, run: bool = True) -> None:
+        super().__init__(
+            ActivationModule,
+            ActivationDataModule,
+            save_config_callback=None,
+            trainer_defaults=TRAINER_DEFAULTS,
+            seed_everything_default=False,
+            auto_configure_optimizers=False,
+            load_from_checkpoint_support=False,
+            args=args,
+            run=run,
+        )
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        # return_predictions is not offered: Lightning would keep every batch in memory.
+        return {"predict": {"model", "dataloaders", "datamodule", "return_predictions", "ckpt_path"}}
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(ParquetShardWriter, "writer", required=True)
+        parser.link_arguments("model.checkpoint", "data.tokenizer")
+        parser.link_arguments("model.revision", "data.tokenizer_revision")
+        parser.add_argument("--log_file", type=Path | None, default=None, help="Also write logs to this file.")
+
+    def before_instantiate_classes(self) -> None:
+        configure_logging(self._get(self.config, "log_file"))
+
+    def predict(self, model: ActivationModule, datamodule: ActivationDataModule, **_: object) -> None:
+        writer: ParquetShardWriter = self._get(self.config_init, "writer")
+        parser = self._parser(self.subcommand)
+        writer.config_yaml = parser.dump(self.config.get(str(self.subcommand), self.config), skip_none=False)
+        self.trainer.predict(model, datamodule=datamodule, return_predictions=False)
+
+
+def main(args: ArgsType = None) -> None:
+    ActLightningCLI(args=args)
+
+
+if __name__ == "__main__":
+    main()

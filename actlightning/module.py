@@ -1,0 +1,190 @@
+"""The LightningModule: load the model, run the forward, return each sequence's real-token activations."""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal
+
+import torch
+from lightning.pytorch import LightningModule
+from transformers import AutoConfig, AutoModel, PretrainedConfig
+
+from actlightning.capture import HiddenStateCapture, find_blocks, resolve_layers
+from actlightning.schema import TORCH_DTYPES, StorageDtype, layer_column
+
+log = logging.getLogger(__name__)
+
+ComputeDtype = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+def context_size(config: PretrainedConfig) -> int | None:
+    """The model's maximum sequence length, where the config states one."""
+    for key in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def select_tokens(
+    lengths: torch.Tensor, first_token: torch.Tensor, seq_len: int, n_pos: int | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Which padded positions to export, as a flat index into ``[batch * seq_len]``.
+
+    ``lengths``: real tokens per row; ``first_token``: column of each row's first real token (0 with
+    right padding). Keeps the last ``n_pos`` real tokens of each row (all when ``n_pos`` is None).
+    Returns ``(flat_index [T], n_tokens [B], start_position [B])``; ``start_position`` is the position
+    of the first exported token within the unpadded sequence.
+    """
+    n_tokens = lengths if n_pos is None else lengths.clamp(max=n_pos)
+    start_position = lengths - n_tokens
+    rows = torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device), n_tokens)
+    row_starts = torch.cumsum(n_tokens, 0) - n_tokens
+    within = torch.arange(rows.numel(), device=lengths.device) - row_starts[rows]
+    columns = first_token[rows] + start_position[rows] + within
+    return rows * seq_len + columns, n_tokens, start_position
+
+
+class ActivationModule(LightningModule):
+    """Runs a HuggingFace base model (no LM head) and returns the requested hidden states.
+
+    Args:
+        checkpoint: Hub id or local directory of the model (``AutoModel.from_pretrained``).
+        revision: Hub revision (branch, tag or commit) of the checkpoint.
+        dtype: Compute dtype. ``auto`` takes the checkpoint's own dtype. float32 gives activations equal
+            to a float32 reference; bfloat16/float16 are faster on GPUs.
+        layers: Indices into HF ``hidden_states``: 0 is the embedding output, L (= number of layers) the
+            last hidden state (after the final norm), negatives count from the end. Unset: all L + 1.
+        n_pos: Keep only the last ``n_pos`` tokens of each sequence. Unset: all tokens.
+        output_dtype: Storage dtype of the exported vectors. Unset: the compute dtype. bfloat16 is stored
+            as raw uint16 bit patterns (see the README).
+        attn_implementation: Passed to ``from_pretrained`` (``eager``, ``sdpa``, ...). Unset: HF's default.
+        trust_remote_code: Allow checkpoints that ship their own modelling code.
+    """
+
+    def __init__(
+        self,
+        checkpoint: str,
+        revision: str | None = None,
+        dtype: ComputeDtype = "float32",
+        layers: list[int] | None = None,
+        n_pos: int | None = None,
+        output_dtype: StorageDtype | None = None,
+        attn_implementation: str | None = None,
+        trust_remote_code: bool = False,
+    ) -> None:
+        super().__init__()
+        if n_pos is not None and n_pos <= 0:
+            raise ValueError(f"model.n_pos must be a positive number of tokens or unset, got {n_pos}")
+        self.checkpoint = checkpoint
+        self.revision = revision
+        self.dtype_name = dtype
+        self.requested_layers = layers
+        self.n_pos = n_pos
+        self.output_dtype_name = output_dtype
+        self.attn_implementation = attn_implementation
+        self.trust_remote_code = trust_remote_code
+        self.model: torch.nn.Module | None = None
+        self._config: PretrainedConfig | None = None
+
+    @property
+    def config(self) -> PretrainedConfig:
+        """The checkpoint's config (loaded once, without the weights)."""
+        if self._config is None:
+            self._config = AutoConfig.from_pretrained(
+                self.checkpoint, revision=self.revision, trust_remote_code=self.trust_remote_code
+            )
+        return self._config
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_hidden_layers
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def layers(self) -> list[int]:
+        """The exported hidden_states indices, non-negative and sorted."""
+        return resolve_layers(self.requested_layers, self.num_layers)
+
+    @property
+    def layer_columns(self) -> list[str]:
+        return [layer_column(i) for i in self.layers]
+
+    @property
+    def storage_dtype(self) -> StorageDtype:
+        """Storage dtype name; before the weights load, ``auto`` compute is read from the config."""
+        if self.output_dtype_name is not None:
+            return self.output_dtype_name
+        if self.dtype_name != "auto":
+            return self.dtype_name
+        if self.model is not None:
+            return str(next(self.model.parameters()).dtype).removeprefix("torch.")
+        configured = getattr(self.config, "dtype", None) or getattr(self.config, "torch_dtype", None)
+        name = str(configured).removeprefix("torch.") if configured is not None else "float32"
+        return name if name in TORCH_DTYPES else "float32"
+
+    def export_settings(self) -> dict:
+        """Settings that decide the exported values; resuming under different ones is refused."""
+        return {
+            "checkpoint": self.checkpoint,
+            "revision": self.revision,
+            "dtype": self.dtype_name,
+            "layers": self.layers,
+            "n_pos": self.n_pos,
+            "output_dtype": self.storage_dtype,
+            "hidden_size": self.hidden_size,
+            "num_layers": self.num_layers,
+        }
+
+    def configure_model(self) -> None:
+        # Loaded here, not in __init__: with transformers 5 a model built in __init__ and sent to a
+        # spawned process silently returns hidden_states=None.
+        if self.model is not None:
+            return
+        kwargs = {}
+        if self.attn_implementation is not None:
+            kwargs["attn_implementation"] = self.attn_implementation
+        dtype = self.dtype_name if self.dtype_name == "auto" else TORCH_DTYPES[self.dtype_name]
+        # AutoModel is the base model: an LM head over a large vocabulary costs a large share of the
+        # forward and nobody exports logits.
+        model = AutoModel.from_pretrained(
+            self.checkpoint,
+            revision=self.revision,
+            dtype=dtype,
+            trust_remote_code=self.trust_remote_code,
+            **kwargs,
+        )
+        model.eval().requires_grad_(False)
+        self.model = model
+        _, blocks = find_blocks(model, self.num_layers)
+        tie_last = getattr(model.config, "tie_last_hidden_states", None)
+        self.capture = HiddenStateCapture(model, blocks, self.layers, tie_last=True if tie_last is None else tie_last)
+        self._output_dtype = TORCH_DTYPES[self.storage_dtype]
+        log.info(
+            "loaded %s (%d layers, hidden size %d); exporting hidden_states %s as %s",
+            self.checkpoint, self.num_layers, self.hidden_size, self.layers, self.storage_dtype,
+        )
+
+    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
+        input_ids = batch["input_ids"]
+        hidden = self.capture(
+            input_ids=input_ids, attention_mask=batch["attention_mask"], position_ids=batch["position_ids"]
+        )
+        batch_size, seq_len = input_ids.shape
+        flat, n_tokens, start_position = select_tokens(batch["lengths"], batch["first_token"], seq_len, self.n_pos)
+        layers = {}
+        for index, states in hidden.items():
+            vectors = states.reshape(batch_size * seq_len, -1).index_select(0, flat)
+            layers[layer_column(index)] = vectors.to(self._output_dtype).cpu()
+        return {
+            "example_id": batch["example_id"].cpu(),
+            "n_tokens": n_tokens.cpu(),
+            "start_position": start_position.cpu(),
+            "input_ids": input_ids.reshape(-1).index_select(0, flat).to(torch.int32).cpu(),
+            "layers": layers,
+            "shard_index": batch["shard_index"],
+            "last_in_shard": batch["last_in_shard"],
+        }

@@ -1,0 +1,142 @@
+"""Column names, storage dtypes and the torch -> numpy -> Arrow conversion of one predicted batch.
+
+Every exported row is one sequence. Layer columns hold ``[tokens, hidden_size]`` arrays stored as
+``list<list<dtype>>`` wrapped in HF ``datasets``' ``Array2D`` extension type, so that
+``load_dataset("parquet", ...)`` reports ``Array2D(shape=(None, hidden_size))``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+import torch
+from datasets import Array2D, Features, List, Value
+from datasets.features.features import Array2DExtensionType
+
+EXAMPLE_ID = "example_id"
+INPUT_IDS = "input_ids"
+START_POSITION = "start_position"
+LAYER_PREFIX = "layer_"
+BASE_COLUMNS = (EXAMPLE_ID, INPUT_IDS, START_POSITION)
+
+StorageDtype = Literal["float32", "float16", "bfloat16"]
+TORCH_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+# Arrow and numpy have no bfloat16: its raw 16-bit patterns are stored as uint16 and the field
+# carries this metadata key so readers know to reinterpret them.
+ARROW_VALUE_TYPES: dict[str, str] = {"float32": "float32", "float16": "float16", "bfloat16": "uint16"}
+DTYPE_METADATA_KEY = b"actlightning.dtype"
+
+
+def layer_column(index: int) -> str:
+    """Column name of HF ``hidden_states[index]`` (``index`` already made non-negative)."""
+    return f"{LAYER_PREFIX}{index}"
+
+
+def is_reserved_column(name: str) -> bool:
+    """Whether ``name`` collides with a column this tool writes."""
+    return name in BASE_COLUMNS or name.startswith(LAYER_PREFIX)
+
+
+def build_features(
+    hidden_size: int,
+    layer_columns: list[str],
+    storage_dtype: StorageDtype,
+    label_features: Mapping[str, object] | None = None,
+) -> Features:
+    """HF features of an export: base columns, label columns verbatim, then one Array2D per layer."""
+    value_type = ARROW_VALUE_TYPES[storage_dtype]
+    features = {
+        EXAMPLE_ID: Value("int64"),
+        INPUT_IDS: List(Value("int32")),
+        START_POSITION: Value("int32"),
+    }
+    features.update(label_features or {})
+    for name in layer_columns:
+        features[name] = Array2D(shape=(None, hidden_size), dtype=value_type)
+    return Features(features)
+
+
+def build_schema(features: Features, storage_dtype: StorageDtype) -> pa.Schema:
+    """The Arrow schema written to every shard (HF feature metadata included)."""
+    schema = features.arrow_schema
+    fields = []
+    for field in schema:
+        if isinstance(field.type, Array2DExtensionType):
+            field = field.with_metadata({DTYPE_METADATA_KEY: storage_dtype.encode()})
+        fields.append(field)
+    return pa.schema(fields, metadata=schema.metadata)
+
+
+def tensor_to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    """Zero-copy view of a CPU tensor as numpy; bfloat16 becomes its raw uint16 bit patterns."""
+    if tensor.dtype == torch.bfloat16:
+        return tensor.view(torch.int16).numpy().view(np.uint16)
+    return tensor.numpy()
+
+
+def _primitive(values: np.ndarray, arrow_type: pa.DataType) -> pa.Array:
+    values = np.ascontiguousarray(values)
+    return pa.Array.from_buffers(arrow_type, values.size, [None, pa.py_buffer(values)])
+
+
+def _offsets(lengths: np.ndarray) -> pa.Array:
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    return _primitive(offsets, pa.int32())
+
+
+def layer_array(vectors: np.ndarray, lengths: np.ndarray, arrow_type: pa.DataType) -> pa.Array:
+    """``[total_tokens, hidden]`` packed vectors -> ``list<list<value>>`` (one outer list per sequence).
+
+    Built from buffers, so no Python object is created per value or per token.
+    """
+    total, hidden = vectors.shape
+    values = _primitive(vectors.reshape(-1), arrow_type.value_type.value_type)
+    inner_offsets = _primitive(np.arange(0, (total + 1) * hidden, hidden, dtype=np.int32), pa.int32())
+    inner = pa.ListArray.from_arrays(inner_offsets, values)
+    return pa.ListArray.from_arrays(_offsets(lengths), inner)
+
+
+def batch_to_table(
+    prediction: Mapping[str, object],
+    schema: pa.Schema,
+    labels: pa.Table | None = None,
+) -> pa.Table:
+    """One predicted batch -> an Arrow table with ``schema``.
+
+    ``prediction`` holds CPU tensors: ``example_id`` [B], ``n_tokens`` [B], ``start_position`` [B],
+    ``input_ids`` [T] (packed) and ``layers``: {column: [T, hidden]} (packed, storage dtype).
+    ``labels`` holds the label columns for the same B rows, in order.
+    """
+    lengths = tensor_to_numpy(prediction["n_tokens"]).astype(np.int32, copy=False)
+    columns: dict[str, pa.Array] = {
+        EXAMPLE_ID: _primitive(tensor_to_numpy(prediction["example_id"]).astype(np.int64, copy=False), pa.int64()),
+        INPUT_IDS: pa.ListArray.from_arrays(
+            _offsets(lengths),
+            _primitive(tensor_to_numpy(prediction["input_ids"]).astype(np.int32, copy=False), pa.int32()),
+        ),
+        START_POSITION: _primitive(
+            tensor_to_numpy(prediction["start_position"]).astype(np.int32, copy=False), pa.int32()
+        ),
+    }
+    if labels is not None:
+        for name in labels.column_names:
+            columns[name] = labels.column(name)
+    for name, tensor in prediction["layers"].items():
+        ext_type = schema.field(name).type
+        storage = layer_array(tensor_to_numpy(tensor), lengths, ext_type.storage_type)
+        columns[name] = pa.ExtensionArray.from_storage(ext_type, storage)
+    return pa.Table.from_arrays([columns[field.name] for field in schema], schema=schema)
+
+
+def features_from_schema(schema: pa.Schema) -> Features:
+    """HF features recorded in a shard's schema metadata."""
+    return Features.from_dict(json.loads(schema.metadata[b"huggingface"])["info"]["features"])

@@ -1,0 +1,197 @@
+"""Shard files: atomic Parquet writing, on a background thread so encoding overlaps the forward pass."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+Compression = Literal["none", "zstd", "snappy", "lz4"]
+SHARD_PATTERN = re.compile(r"^shard-(\d{5,})-rank(\d{2,})\.parquet$")
+TMP_SUFFIX = ".tmp"
+SHARD_METADATA_KEY = "actlightning"
+
+
+def shard_name(shard_index: int, rank: int) -> str:
+    """Final file name: sortable by shard index, unique across ranks."""
+    return f"shard-{shard_index:05d}-rank{rank:02d}.parquet"
+
+
+def tmp_name(final_name: str) -> str:
+    # A leading dot hides it from `*.parquet` globs and from `datasets`' data file resolution.
+    return f".{final_name}{TMP_SUFFIX}"
+
+
+def is_tmp_file(name: str) -> bool:
+    return name.startswith(".shard-") and name.endswith(TMP_SUFFIX)
+
+
+@dataclass
+class ShardInfo:
+    """What a finished shard holds, as recorded in its Parquet footer."""
+
+    file: str
+    shard_index: int
+    rows: int
+    tokens: int
+    bytes: int
+
+    @classmethod
+    def read(cls, path: Path) -> ShardInfo:
+        metadata = pq.read_metadata(path)
+        extra = json.loads(metadata.metadata[SHARD_METADATA_KEY.encode()])
+        return cls(path.name, extra["shard_index"], metadata.num_rows, extra["tokens"], path.stat().st_size)
+
+
+def parquet_options(schema: pa.Schema, compression: Compression, vector_columns: list[str]) -> dict:
+    """Writer options: dictionaries and statistics only for the small columns.
+
+    For float vectors both are useless and halve write speed.
+    """
+    small = [name for name in schema.names if name not in vector_columns]
+    return {
+        "compression": compression,
+        "use_dictionary": small,
+        "write_statistics": small,
+    }
+
+
+class ShardFile:
+    """One Parquet shard, written under a temporary name and renamed into place when complete."""
+
+    def __init__(self, folder: Path, shard_index: int, rank: int, schema: pa.Schema, options: dict) -> None:
+        self.shard_index = shard_index
+        self.final_path = folder / shard_name(shard_index, rank)
+        self.tmp_path = folder / tmp_name(self.final_path.name)
+        self.rows = 0
+        self.tokens = 0
+        self._writer = pq.ParquetWriter(self.tmp_path, schema, **options)
+
+    def write(self, table: pa.Table, tokens: int) -> None:
+        self._writer.write_table(table, row_group_size=max(table.num_rows, 1))
+        self.rows += table.num_rows
+        self.tokens += tokens
+
+    def close(self) -> ShardInfo:
+        """Finish the file, flush it to disk, then make it visible under its final name."""
+        self._writer.add_key_value_metadata(
+            {SHARD_METADATA_KEY: json.dumps({"shard_index": self.shard_index, "tokens": self.tokens})}
+        )
+        self._writer.close()
+        with open(self.tmp_path, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(self.tmp_path, self.final_path)
+        _fsync_dir(self.final_path.parent)
+        return ShardInfo(self.final_path.name, self.shard_index, self.rows, self.tokens, self.final_path.stat().st_size)
+
+    def abort(self) -> None:
+        try:
+            self._writer.close()
+        finally:
+            self.tmp_path.unlink(missing_ok=True)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class ShardWriteError(RuntimeError):
+    """Writing a shard failed; names the file and the cause."""
+
+
+class BackgroundShardWriter:
+    """Owns the open shard of one rank and writes batches to it on a background thread.
+
+    ``submit`` blocks only when ``max_pending`` batches are queued, which bounds memory. An error on
+    the thread is raised by the next ``submit`` or by ``close``, so the run stops with it.
+    ``on_shard_done`` is called on the thread with each finished shard's ``ShardInfo``.
+    """
+
+    def __init__(self, folder: Path, rank: int, schema: pa.Schema, options: dict, max_pending: int = 4, on_shard_done=None) -> None:
+        self.folder = folder
+        self.rank = rank
+        self.schema = schema
+        self.options = options
+        self.on_shard_done = on_shard_done
+        self.finished: list[ShardInfo] = []
+        self._queue: queue.Queue = queue.Queue(maxsize=max(max_pending, 1))
+        self._error: BaseException | None = None
+        self._current: ShardFile | None = None
+        self._thread = threading.Thread(target=self._run, name=f"actlightning-writer-rank{rank}", daemon=True)
+        self._thread.start()
+
+    def submit(self, shard_index: int, table: pa.Table, tokens: int, last_in_shard: bool) -> None:
+        self._raise_if_failed()
+        self._queue.put((shard_index, table, tokens, last_in_shard))
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if self._error is not None:
+                continue
+            shard_index, table, tokens, last_in_shard = item
+            try:
+                self._write(shard_index, table, tokens, last_in_shard)
+            except BaseException as error:  # noqa: BLE001 - re-raised on the main thread
+                self._error = error
+                if self._current is not None:
+                    self._current.abort()
+                    self._current = None
+
+    def _write(self, shard_index: int, table: pa.Table, tokens: int, last_in_shard: bool) -> None:
+        if self._current is not None and self._current.shard_index != shard_index:
+            raise AssertionError(f"batch of shard {shard_index} arrived while shard {self._current.shard_index} is open")
+        if self._current is None:
+            self._current = ShardFile(self.folder, shard_index, self.rank, self.schema, self.options)
+        path = self._current.tmp_path
+        try:
+            self._current.write(table, tokens)
+            if last_in_shard:
+                info = self._current.close()
+                self._current = None
+                self.finished.append(info)
+                if self.on_shard_done is not None:
+                    self.on_shard_done(info)
+        except OSError as error:
+            raise ShardWriteError(f"writing shard {path} failed: {error}") from error
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            error = self._error
+            if isinstance(error, ShardWriteError):
+                raise error
+            raise ShardWriteError(f"the shard writer failed: {error!r}") from error
+
+    def close(self) -> list[ShardInfo]:
+        """Wait for every queued batch, stop the thread, and raise any error it met."""
+        self._queue.put(None)
+        self._thread.join()
+        self._raise_if_failed()
+        if self._current is not None:
+            # A shard whose last batch never came (an interrupted run): drop it, resume redoes it.
+            self._current.abort()
+            self._current = None
+        return self.finished
+
+    def abort(self) -> None:
+        """Stop without finishing the open shard (the run failed)."""
+        self._error = self._error or RuntimeError("aborted")
+        self._queue.put(None)
+        self._thread.join()
+        if self._current is not None:
+            self._current.abort()
+            self._current = None

@@ -1,0 +1,212 @@
+"""The prediction-writer callback: turns predicted batches into Parquet shards and keeps the manifest."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import BasePredictionWriter
+from typing_extensions import override
+
+from actlightning.manifest import (
+    CONFIG,
+    MANIFEST,
+    build_manifest,
+    read_manifest,
+    settings_differences,
+    shard_files,
+    write_json_atomic,
+)
+from actlightning.schema import EXAMPLE_ID, batch_to_table, build_features, build_schema
+from actlightning.shards import BackgroundShardWriter, Compression, ShardInfo, is_tmp_file, parquet_options
+
+log = logging.getLogger(__name__)
+
+
+class ParquetShardWriter(BasePredictionWriter):
+    """Buffers predicted batches into Parquet shards in ``output_dir``.
+
+    Args:
+        output_dir: Folder for the shards, ``manifest.json`` and ``config.yaml``.
+        batches_per_shard: Batches written into each shard file.
+        max_shards: Stop after exactly this many shards. Unset: export the whole dataset.
+        overwrite: Start afresh in an ``output_dir`` holding another export (only files this tool wrote
+            are deleted). Without it, a different export there is refused, and an unfinished export of
+            the same settings is resumed.
+        compression: Parquet compression codec. ``none`` is fastest; ``zstd`` saves disk for a little CPU.
+        max_pending_batches: Batches queued for the background writer before the forward pass waits
+            for it; bounds host memory.
+    """
+
+    def __init__(
+        self,
+        output_dir: Path,
+        batches_per_shard: int = 100,
+        max_shards: int | None = None,
+        overwrite: bool = False,
+        compression: Compression = "none",
+        max_pending_batches: int = 4,
+    ) -> None:
+        super().__init__(write_interval="batch")
+        if batches_per_shard <= 0:
+            raise ValueError(f"writer.batches_per_shard must be a positive integer, got {batches_per_shard}")
+        if max_shards is not None and max_shards <= 0:
+            raise ValueError(f"writer.max_shards must be a positive integer or unset, got {max_shards}")
+        if max_pending_batches <= 0:
+            raise ValueError(f"writer.max_pending_batches must be a positive integer, got {max_pending_batches}")
+        self.output_dir = Path(output_dir)
+        self.batches_per_shard = batches_per_shard
+        self.max_shards = max_shards
+        self.overwrite = overwrite
+        self.compression = compression
+        self.max_pending_batches = max_pending_batches
+        # Set by the CLI: the resolved config, saved as config.yaml next to the shards.
+        self.config_yaml: str | None = None
+        self._writer: BackgroundShardWriter | None = None
+        self._known: dict[str, ShardInfo] = {}
+        self._lock = threading.Lock()
+
+    def export_settings(self, trainer: Trainer, pl_module: LightningModule) -> dict:
+        """Settings that define an export: resuming under different ones would mix two exports."""
+        return {
+            "model": pl_module.export_settings(),
+            "data": trainer.datamodule.export_settings(),
+            "max_shards": self.max_shards,
+        }
+
+    def _prepare_output_dir(self, trainer: Trainer, settings: dict) -> bool:
+        """Validate ``output_dir`` and, on rank zero, clean it. Returns whether this run resumes."""
+        folder = self.output_dir
+        if folder.exists() and not folder.is_dir():
+            raise ValueError(f"writer.output_dir {folder} exists and is not a directory")
+        entries = sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+        manifest = read_manifest(folder) if MANIFEST in entries else None
+        ours = [n for n in entries if n in (MANIFEST, CONFIG) or is_tmp_file(n) or n.startswith(".manifest.json")]
+        ours += [p.name for p in shard_files(folder)]
+        resume = False
+        if entries and self.overwrite:
+            foreign = sorted(set(entries) - set(ours))
+            if foreign:
+                raise ValueError(
+                    f"writer.overwrite would clear {folder}, but it holds files this tool did not write: "
+                    f"{foreign[:5]}; choose another writer.output_dir"
+                )
+            if trainer.is_global_zero:
+                for name in ours:
+                    path = folder / name
+                    shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        elif entries:
+            if manifest is None:
+                raise ValueError(
+                    f"writer.output_dir {folder} is not empty and holds no export of this tool "
+                    f"(found {entries[:5]}); choose an empty or new folder"
+                )
+            differences = settings_differences(manifest.get("settings", {}), settings)
+            if differences:
+                raise ValueError(
+                    f"writer.output_dir {folder} holds an export with different settings ({', '.join(differences)}); "
+                    "use another writer.output_dir, or writer.overwrite: true to replace it"
+                )
+            resume = True
+            if trainer.is_global_zero:
+                for name in entries:
+                    if is_tmp_file(name) or name.startswith(".manifest.json"):
+                        (folder / name).unlink(missing_ok=True)
+        if trainer.is_global_zero:
+            folder.mkdir(parents=True, exist_ok=True)
+        return resume
+
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "predict":
+            return
+        datamodule = trainer.datamodule
+        self.settings = self.export_settings(trainer, pl_module)
+        resume = self._prepare_output_dir(trainer, self.settings)
+        trainer.strategy.barrier("actlightning-output-dir")
+        existing = [ShardInfo.read(p) for p in shard_files(self.output_dir)] if resume else []
+        self._known = {info.file: info for info in existing}
+        done_ids = None
+        if existing:
+            done_ids = np.concatenate(
+                [pq.read_table(self.output_dir / i.file, columns=[EXAMPLE_ID]).column(0).to_numpy() for i in existing]
+            )
+            log.info("resuming: %d complete shards hold %d examples", len(existing), len(done_ids))
+        remaining_shards = None if self.max_shards is None else max(self.max_shards - len(existing), 0)
+        first_index = max((i.shard_index for i in existing), default=-1) + 1
+        datamodule.configure_sharding(self.batches_per_shard, remaining_shards, done_ids, first_index)
+        features = build_features(
+            pl_module.hidden_size, pl_module.layer_columns, pl_module.storage_dtype, datamodule.label_features
+        )
+        self.schema = build_schema(features, pl_module.storage_dtype)
+        self.options = parquet_options(self.schema, self.compression, pl_module.layer_columns)
+        if trainer.is_global_zero:
+            if self.config_yaml is not None:
+                (self.output_dir / CONFIG).write_text(self.config_yaml)
+            self._write_manifest(complete=False)
+
+    def _write_manifest(self, complete: bool, extra: dict | None = None) -> None:
+        with self._lock:
+            # Shards finished by other ranks are picked up from the folder; footers are read once.
+            for path in shard_files(self.output_dir):
+                if path.name not in self._known:
+                    self._known[path.name] = ShardInfo.read(path)
+            manifest = build_manifest(self.settings, self._known.values(), complete, extra)
+            write_json_atomic(self.output_dir / MANIFEST, manifest)
+
+    def _on_shard_done(self, info: ShardInfo) -> None:
+        self._known[info.file] = info
+        self._write_manifest(complete=False)
+
+    @override
+    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._started = time.perf_counter()
+        self._tokens = 0
+        self._writer = BackgroundShardWriter(
+            self.output_dir,
+            trainer.global_rank,
+            self.schema,
+            self.options,
+            max_pending=self.max_pending_batches,
+            on_shard_done=self._on_shard_done,
+        )
+
+    @override
+    def write_on_batch_end(
+        self, trainer, pl_module, prediction, batch_indices, batch, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        labels = None
+        if trainer.datamodule.label_columns:
+            labels = trainer.datamodule.label_rows(prediction["example_id"].numpy())
+        table = batch_to_table(prediction, self.schema, labels)
+        tokens = int(prediction["n_tokens"].sum())
+        self._tokens += tokens
+        self._writer.submit(prediction["shard_index"], table, tokens, prediction["last_in_shard"])
+
+    @override
+    def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        writer, self._writer = self._writer, None
+        finished = writer.close() if writer is not None else []
+        elapsed = time.perf_counter() - self._started
+        trainer.strategy.barrier("actlightning-shards-done")
+        if trainer.is_global_zero:
+            self._write_manifest(complete=True)
+            manifest = read_manifest(self.output_dir)
+            totals = manifest["totals"]
+            log.info(
+                "export complete in %s: %d shards, %d rows, %d tokens, %.1f MB (this run: %d shards, %.0f tokens/s on rank 0)",
+                self.output_dir, totals["shards"], totals["rows"], totals["tokens"], totals["bytes"] / 1e6,
+                len(finished), self._tokens / max(elapsed, 1e-9),
+            )
+
+    @override
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        if self._writer is not None:
+            self._writer.abort()
+            self._writer = None

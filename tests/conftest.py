@@ -1,0 +1,47 @@
+"""Shared hermetic fixtures: tiny checkpoints and datasets written to temp dirs, never downloaded."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from actlightning.demo import chess_games, save_checkpoint  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """Tiny GPT-2 (no pad token, no BOS) and Llama (BOS added by the tokenizer) checkpoints."""
+    root = tmp_path_factory.mktemp("checkpoints")
+    return {
+        "gpt2": save_checkpoint(root / "gpt2", "gpt2", num_layers=4, hidden_size=32, context=128, seed=1),
+        "llama": save_checkpoint(root / "llama", "llama", num_layers=3, hidden_size=32, context=128, seed=2),
+    }
+
+
+@pytest.fixture(scope="session")
+def games_file(tmp_path_factory) -> Path:
+    """40 chess games of 1 to 25 moves (mixed lengths) as JSON lines."""
+    path = tmp_path_factory.mktemp("data") / "games.jsonl"
+    with open(path, "w") as handle:
+        for game in chess_games(40, seed=3, min_moves=1, max_moves=25):
+            handle.write(json.dumps(game) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def saved_dataset(tmp_path_factory, games_file) -> Path:
+    """The same games written with Dataset.save_to_disk."""
+    from datasets import load_dataset
+
+    folder = tmp_path_factory.mktemp("saved") / "games"
+    load_dataset("json", data_files=str(games_file), split="train").save_to_disk(folder)
+    return folder

@@ -1,0 +1,87 @@
+"""Helpers for tests: run exports in-process or as a subprocess, and compute reference activations."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from transformers import AutoModel, AutoTokenizer
+
+from actlightning.cli import ActLightningCLI
+from actlightning.reader import layer_vectors, stored_dtype, to_torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def export_args(checkpoint: Path, data_files: Path, output_dir: Path, **overrides) -> list[str]:
+    """CLI arguments of an export of ``data_files`` (JSON lines of chess games) on CPU."""
+    settings = {
+        "model.checkpoint": str(checkpoint),
+        "model.dtype": "float32",
+        "data.path": "json",
+        "data.data_files": str(data_files),
+        "data.input_column": "Transcript",
+        "data.batch_size": "4",
+        "writer.output_dir": str(output_dir),
+        "writer.batches_per_shard": "2",
+        "trainer.accelerator": "cpu",
+        "trainer.devices": "1",
+        "trainer.enable_progress_bar": "false",
+    }
+    settings.update({k: str(v) for k, v in overrides.items()})
+    args = ["predict"]
+    for key, value in settings.items():
+        args += [f"--{key}", value]
+    return args
+
+
+def run_export(*args, **kwargs) -> None:
+    """Run an export in this process through the real CLI."""
+    ActLightningCLI(args=export_args(*args, **kwargs))
+
+
+def run_cli(args: list[str], cwd: Path = REPO, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run ``python -m actlightning ARGS`` in a subprocess."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "actlightning", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def read_rows(output_dir: Path) -> list[dict]:
+    """Every exported row, ordered by example_id, layer columns as numpy [tokens, hidden]."""
+    rows = []
+    for path in sorted(output_dir.glob("*.parquet")):
+        table = pq.read_table(path)
+        layers = [name for name in table.column_names if name.startswith("layer_")]
+        plain = table.drop_columns(layers).to_pylist()
+        for name in layers:
+            vectors, offsets = layer_vectors(table.column(name))
+            tensor = to_torch(vectors, stored_dtype(table.schema.field(name)))
+            if tensor.dtype == torch.bfloat16:
+                tensor = tensor.float()
+            for row, (start, stop) in zip(plain, zip(offsets[:-1], offsets[1:])):
+                row[name] = tensor[start:stop].numpy()
+        rows.extend(plain)
+    return sorted(rows, key=lambda r: r["example_id"])
+
+
+class Reference:
+    """The model's own forward pass on one unpadded sequence."""
+
+    def __init__(self, checkpoint: Path) -> None:
+        self.tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+        self.model = AutoModel.from_pretrained(checkpoint, dtype=torch.float32).eval()
+
+    def tokens(self, text: str) -> list[int]:
+        return self.tokenizer(text)["input_ids"]
+
+    @torch.no_grad()
+    def hidden_states(self, tokens: list[int]) -> list[np.ndarray]:
+        out = self.model(torch.tensor([tokens]), output_hidden_states=True)
+        return [h[0].numpy() for h in out.hidden_states]
