@@ -1,0 +1,98 @@
+"""The CLI end to end: `python -m actlightning predict --config ...`, configs, overrides, output dir rules."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from datasets import Array2D, load_dataset
+
+from tests.helpers import REPO, export_args, run_cli, run_export
+
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+
+
+def test_cli_demo_config_with_overrides_loads_with_datasets(tmp_path):
+    out = tmp_path / "run1"
+    result = run_cli(
+        ["predict", "--config", "configs/demo.yaml", "--trainer.devices", "1", "--trainer.accelerator", "cpu",
+         "--data.batch_size", "16", "--writer.output_dir", str(out), "--writer.max_shards", "2",
+         "--model.layers", "[0, 2, -1]"]
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    shards = sorted(out.glob("*.parquet"))
+    assert [p.name for p in shards] == ["shard-00000-rank00.parquet", "shard-00001-rank00.parquet"]
+    dataset = load_dataset("parquet", data_files=str(out / "*.parquet"), split="train")
+    # 2 shards x 4 batches x 16 sequences
+    assert len(dataset) == 128
+    assert dataset.features["layer_2"] == Array2D(shape=(None, 64), dtype="float16")
+    assert set(dataset.column_names) == {
+        "example_id", "input_ids", "start_position", "Site", "WhiteElo", "BlackElo", "Scores",
+        "layer_0", "layer_2", "layer_4",
+    }
+    row = dataset.with_format("torch")[0]
+    assert row["layer_4"].shape == (len(row["input_ids"]), 64)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["complete"] is True
+    assert manifest["settings"]["model"]["layers"] == [0, 2, 4]
+    assert manifest["totals"]["rows"] == 128
+    assert manifest["totals"]["tokens"] == sum(len(ids) for ids in dataset["input_ids"])
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["data"]["batch_size"] == 16
+    assert config["writer"]["output_dir"] == str(out)
+
+
+def test_console_script_is_installed():
+    import shutil
+    import subprocess
+
+    script = shutil.which("actlightning")
+    assert script is not None, "pip install -e . installs the `actlightning` console script"
+    result = subprocess.run([script, "predict", "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0
+    assert "--writer.output_dir" in result.stdout
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])
+def test_every_config_parses_and_every_key_is_commented(config):
+    result = run_cli(["predict", "--config", str(config), "--print_config"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    printed = yaml.safe_load(result.stdout)
+    assert {"model", "data", "writer", "trainer"} <= set(printed)
+    for line in config.read_text().splitlines():
+        stripped = line.strip()
+        if stripped and not stripped.startswith("#") and ":" in stripped and not stripped.endswith(":"):
+            assert "#" in stripped, f"{config.name}: key without a comment: {stripped!r}"
+
+
+def test_refuses_non_empty_output_dir_without_overwrite(tmp_path, checkpoints, games_file):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not empty"):
+        run_export(checkpoints["gpt2"], games_file, out)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+def test_overwrite_replaces_another_export(tmp_path, checkpoints, games_file):
+    out = tmp_path / "out"
+    run_export(checkpoints["gpt2"], games_file, out, **{"model.layers": "[1]"})
+    with pytest.raises(ValueError, match="different settings.*model.layers"):
+        run_export(checkpoints["gpt2"], games_file, out, **{"model.layers": "[2]"})
+    run_export(checkpoints["gpt2"], games_file, out, **{"model.layers": "[2]", "writer.overwrite": "true"})
+    columns = load_dataset("parquet", data_files=str(out / "*.parquet"), split="train").column_names
+    assert "layer_2" in columns and "layer_1" not in columns
+
+
+def test_log_file_receives_logs(tmp_path, checkpoints, games_file):
+    log_file = tmp_path / "logs" / "export.log"
+    result = run_cli(export_args(checkpoints["gpt2"], games_file, tmp_path / "out") + ["--log_file", str(log_file)])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "export complete" in log_file.read_text()
+
+
+def test_saved_dataset_folder_is_accepted(tmp_path, checkpoints, games_file, saved_dataset):
+    run_export(checkpoints["gpt2"], games_file, tmp_path / "out", **{"data.path": str(saved_dataset)})
+    assert len(load_dataset("parquet", data_files=str(tmp_path / "out" / "*.parquet"), split="train")) == 40

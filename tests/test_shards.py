@@ -1,0 +1,53 @@
+"""Shard layout: batches_per_shard, max_shards, short last batches and label columns."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tests.helpers import read_rows, run_export
+
+
+@pytest.mark.parametrize(
+    ("batch_size", "batches_per_shard", "max_shards", "expected_rows"),
+    [
+        (4, 2, None, [8, 8, 8, 8, 8]),  # 40 rows, even split
+        (3, 2, None, [6, 6, 6, 6, 6, 6, 4]),  # short last batch (40 = 13 * 3 + 1)
+        (3, 2, 3, [6, 6, 6]),  # max_shards: exactly 3 full shards, none a batch short
+        (7, 10, None, [40]),  # a single shard ending in a short batch
+        (5, 1, 8, [5] * 8),  # max_shards equal to the number of batches
+    ],
+)
+def test_shards_hold_expected_rows(tmp_path, checkpoints, games_file, batch_size, batches_per_shard, max_shards, expected_rows):
+    overrides = {"data.batch_size": batch_size, "writer.batches_per_shard": batches_per_shard, "model.layers": "[1]"}
+    if max_shards is not None:
+        overrides["writer.max_shards"] = max_shards
+    out = tmp_path / "out"
+    run_export(checkpoints["gpt2"], games_file, out, **overrides)
+    shards = sorted(out.glob("*.parquet"))
+    assert [pq.read_metadata(p).num_rows for p in shards] == expected_rows
+    assert [p.name for p in shards] == [f"shard-{i:05d}-rank00.parquet" for i in range(len(expected_rows))]
+    assert not [p for p in out.iterdir() if p.name.startswith(".")], "no temporary files left behind"
+    ids = [r["example_id"] for r in read_rows(out)]
+    assert len(ids) == len(set(ids)) == sum(expected_rows)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [s["rows"] for s in manifest["shards"]] == expected_rows
+
+
+def test_label_columns_of_several_types_survive(tmp_path, checkpoints, games_file):
+    out = tmp_path / "out"
+    run_export(
+        checkpoints["llama"], games_file, out,
+        **{"data.label_columns": "[Site, WhiteElo, Scores]", "model.layers": "[0]", "data.sort_by_length": "true"},
+    )
+    games = [json.loads(line) for line in games_file.read_text().splitlines()]
+    rows = read_rows(out)
+    schema = pq.read_schema(sorted(out.glob("*.parquet"))[0])
+    assert str(schema.field("WhiteElo").type) == "int64"
+    assert pa.types.is_list(schema.field("Scores").type)
+    for row in rows:
+        game = games[row["example_id"]]
+        assert (row["Site"], row["WhiteElo"], row["Scores"]) == (game["Site"], game["WhiteElo"], game["Scores"])
