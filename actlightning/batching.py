@@ -7,8 +7,9 @@ ranks take whole shards, so every example is exported exactly once whatever the 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import chain
 from typing import Literal
 
 import numpy as np
@@ -37,7 +38,7 @@ class TokenStore:
         lengths = np.fromiter((len(s) for s in sequences), dtype=np.int64, count=len(sequences))
         offsets = np.zeros(len(sequences) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
-        values = np.fromiter((t for s in sequences for t in s), dtype=np.int64, count=int(offsets[-1]))
+        values = np.fromiter(chain.from_iterable(sequences), dtype=np.int64, count=int(offsets[-1]))
         ids = np.arange(len(sequences)) if example_ids is None else np.asarray(example_ids, dtype=np.int64)
         return cls(values, offsets, ids)
 
@@ -68,6 +69,68 @@ def chunk_batches(num_examples: int, batch_size: int) -> list[np.ndarray]:
     if batch_size <= 0:
         raise ValueError(f"data.batch_size must be a positive integer, got {batch_size}")
     return [np.arange(s, min(s + batch_size, num_examples)) for s in range(0, num_examples, batch_size)]
+
+
+def pack_batches(order: np.ndarray, lengths: np.ndarray, batch_size: int, max_tokens: int | None = None) -> list[np.ndarray]:
+    """Consecutive runs of ``order`` as batches of at most ``batch_size`` sequences.
+
+    With ``max_tokens``, a batch also stays within the budget ``padded length x sequences``; a single
+    sequence longer than the budget gets a batch of its own. Greedy, so packing the remainder of a
+    list from a batch boundary gives the same batches again.
+    """
+    if max_tokens is None:
+        return [order[b] for b in chunk_batches(len(order), batch_size)]
+    batches, start, longest = [], 0, 0
+    for i, position in enumerate(order):
+        length = int(lengths[position])
+        count = i - start
+        if count and (count >= batch_size or max(longest, length) * (count + 1) > max_tokens):
+            batches.append(order[start:i])
+            start, longest = i, 0
+        longest = max(longest, length)
+    if start < len(order):
+        batches.append(order[start:])
+    return batches
+
+
+def plan_batches(
+    lengths: np.ndarray,
+    batch_size: int,
+    max_tokens: int | None = None,
+    sort_by_length: bool = False,
+    descending: bool = False,
+    bucket_size: int | None = None,
+    batch_order_seed: int | None = None,
+) -> list[np.ndarray]:
+    """All batches of an export, as positions ``0..len(lengths)-1`` in the order they run.
+
+    ``bucket_size`` sorts each run of that many consecutive examples by length and packs it on its
+    own, which keeps padding small while leaving the (e.g. shuffled) order between buckets; without
+    it, ``sort_by_length`` orders everything by token count. ``batch_order_seed`` then permutes whole
+    batches, so shards are not ordered by length.
+    """
+    positions = np.arange(len(lengths))
+    if bucket_size is not None:
+        groups = []
+        for start in range(0, len(positions), bucket_size):
+            bucket = positions[start : start + bucket_size]
+            groups.append(bucket[length_order(lengths[bucket], descending)])
+    elif sort_by_length:
+        groups = [positions[length_order(lengths, descending)]]
+    else:
+        groups = [positions]
+    batches = [batch for group in groups for batch in pack_batches(group, lengths, batch_size, max_tokens)]
+    if batch_order_seed is not None:
+        permutation = np.random.default_rng(batch_order_seed).permutation(len(batches))
+        batches = [batches[i] for i in permutation]
+    return batches
+
+
+def padding_efficiency(batches: Sequence[np.ndarray], lengths: np.ndarray) -> float:
+    """Real tokens / padded tokens over ``batches`` (1.0 means no padding)."""
+    real = sum(int(lengths[b].sum()) for b in batches)
+    padded = sum(int(lengths[b].max()) * len(b) for b in batches if len(b))
+    return real / padded if padded else 1.0
 
 
 def group_shards(batches: list[np.ndarray], batches_per_shard: int, max_shards: int | None = None) -> list[list[np.ndarray]]:
@@ -145,3 +208,16 @@ def collate(
         "shard_index": planned.shard_index,
         "last_in_shard": planned.last_in_shard,
     }
+
+
+def find_batch_size(fits: Callable[[int], bool], start: int) -> int:
+    """The largest of ``start, start // 2, start // 4, ..., 1`` for which ``fits`` is true.
+
+    ``fits`` runs a probe and returns False when it ran out of memory.
+    """
+    size = start
+    while size >= 1:
+        if fits(size):
+            return size
+        size //= 2
+    raise RuntimeError("not even a single sequence fits in device memory; lower data.max_length or use a smaller dtype")

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
-from collections import Counter
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import torch
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
@@ -20,12 +21,14 @@ from actlightning.batching import (
     PlannedBatch,
     TokenStore,
     assign_shards,
-    chunk_batches,
     collate,
+    find_batch_size,
     group_shards,
-    length_order,
+    padding_efficiency,
+    plan_batches,
     rank_batches,
 )
+from actlightning.filters import dedupe, drop_prefixes, length_range, shuffle_and_limit
 from actlightning.schema import is_reserved_column
 
 log = logging.getLogger(__name__)
@@ -52,22 +55,57 @@ class _PlanDataset(TorchDataset):
         return self.planned[index]
 
 
+def _positive(name: str, value: int | None, allow_none: bool = True) -> None:
+    if value is None and allow_none:
+        return
+    if value is None or value <= 0:
+        raise ValueError(f"data.{name} must be a positive integer{' or unset' if allow_none else ''}, got {value}")
+
+
+def batch_size_search_applies(device: torch.device) -> bool:
+    """Batch-size search probes device memory; on CPU it does not apply."""
+    return device.type == "cuda"
+
+
 class ActivationDataModule(LightningDataModule):
-    """Loads a HF dataset, tokenizes it with the model's tokenizer and serves padded batches.
+    """Loads a HF dataset, selects and tokenizes rows, and serves length-aware padded batches.
+
+    Selection runs in this order: ``filter``, ``dedupe``, ``drop_prefixes`` (on the input text),
+    tokenization (empty inputs skipped), ``min_tokens`` / ``max_tokens_per_sequence``, ``shuffle_seed``
+    and ``limit``, then truncation to ``max_length``. Ordering and batching (``sort_by_length``,
+    ``bucket_size``, ``max_tokens``, ``batch_order_seed``) then plan the batches of what was selected.
 
     Args:
         path: ``datasets.load_dataset`` path: a Hub id, a builder name (``parquet``, ``json``, ``csv``) with
             ``data_files``, a local folder of data files, or a folder written by ``Dataset.save_to_disk``.
-        input_column: Column holding the text to run through the model (or pre-tokenized ``input_ids``).
+        input_column: Column holding the text to run through the model, or a pre-tokenized column of
+            token id lists (used as-is).
         name: Dataset configuration name (``load_dataset(name=...)``).
         split: Split to export.
         data_files: Data files for builder names like ``parquet`` (a path, glob, list or mapping).
         revision: Hub revision of the dataset.
         label_columns: Columns copied verbatim into every output row (any Arrow type).
-        batch_size: Sequences per forward pass.
+        filter: Optional importable callable (``my_pkg.filters.high_elo``) given a row (a dict) and
+            returning whether to keep it.
+        dedupe: Drop exact duplicate inputs, keeping the first occurrence.
+        drop_prefixes: Drop inputs that are a strict prefix of another input (a game cut short).
+        min_tokens: Drop sequences with fewer tokens (counted before truncation).
+        max_tokens_per_sequence: Drop sequences with more tokens (counted before truncation).
+        shuffle_seed: Shuffle the rows with this seed before ``limit`` (0 is a seed). Unset: keep order.
+        limit: Keep at most this many rows after filtering and shuffling.
+        batch_size: Sequences per forward pass (an upper bound when ``max_tokens`` is set).
+        max_tokens: Token budget per batch: padded length x sequences stays within it (a single longer
+            sequence gets its own batch).
         max_length: Truncate sequences to their first ``max_length`` tokens. Unset: the model's context size.
         sort_by_length: Order sequences by token count, so batches hold similar lengths and pad little.
-        sort_reversed: With ``sort_by_length``, longest first: a batch that does not fit fails at once.
+        sort_reversed: Longest first (with ``sort_by_length`` or ``bucket_size``): a batch that does not
+            fit fails at once.
+        bucket_size: Sort by length within each run of this many consecutive examples instead of
+            globally, and batch each run on its own: padding stays small without a global sort.
+        batch_order_seed: Shuffle the order of whole batches with this seed (e.g. after bucketing, so
+            shards are not ordered by length).
+        auto_find_batch_size: On CUDA, find the largest ``batch_size`` (or ``max_tokens``) that fits,
+            probing with the longest batch of the run and halving on out-of-memory. Ignored on CPU.
         padding_side: Where padding goes in a batch. Both give identical activations (explicit position
             ids and attention mask); ``right`` needs no masking for causal attention.
         num_workers: DataLoader worker processes for collation.
@@ -84,20 +122,37 @@ class ActivationDataModule(LightningDataModule):
         data_files: str | list[str] | dict[str, str | list[str]] | None = None,
         revision: str | None = None,
         label_columns: list[str] | None = None,
+        filter: Callable[[dict], bool] | None = None,
+        dedupe: bool = False,
+        drop_prefixes: bool = False,
+        min_tokens: int | None = None,
+        max_tokens_per_sequence: int | None = None,
+        shuffle_seed: int | None = None,
+        limit: int | None = None,
         batch_size: int = 8,
+        max_tokens: int | None = None,
         max_length: int | None = None,
         sort_by_length: bool = False,
         sort_reversed: bool = False,
+        bucket_size: int | None = None,
+        batch_order_seed: int | None = None,
+        auto_find_batch_size: bool = False,
         padding_side: PaddingSide = "right",
         num_workers: int = 0,
         tokenizer: str | None = None,
         tokenizer_revision: str | None = None,
     ) -> None:
         super().__init__()
-        if batch_size <= 0:
-            raise ValueError(f"data.batch_size must be a positive integer, got {batch_size}")
-        if max_length is not None and max_length <= 0:
-            raise ValueError(f"data.max_length must be a positive number of tokens or unset, got {max_length}")
+        _positive("batch_size", batch_size, allow_none=False)
+        for name_, value in [("max_tokens", max_tokens), ("max_length", max_length), ("limit", limit),
+                             ("bucket_size", bucket_size), ("min_tokens", min_tokens),
+                             ("max_tokens_per_sequence", max_tokens_per_sequence)]:
+            _positive(name_, value)
+        if min_tokens is not None and max_tokens_per_sequence is not None and min_tokens > max_tokens_per_sequence:
+            raise ValueError(
+                f"data.min_tokens ({min_tokens}) is above data.max_tokens_per_sequence ({max_tokens_per_sequence}): "
+                "no sequence could pass"
+            )
         if num_workers < 0:
             raise ValueError(f"data.num_workers must be 0 or more, got {num_workers}")
         self.path = path
@@ -107,10 +162,21 @@ class ActivationDataModule(LightningDataModule):
         self.data_files = data_files
         self.revision = revision
         self.label_columns = list(label_columns or [])
+        self.filter = filter
+        self.dedupe = dedupe
+        self.drop_prefixes = drop_prefixes
+        self.min_tokens = min_tokens
+        self.max_tokens_per_sequence = max_tokens_per_sequence
+        self.shuffle_seed = shuffle_seed
+        self.limit = limit
         self.batch_size = batch_size
+        self.max_tokens = max_tokens
         self.max_length = max_length
         self.sort_by_length = sort_by_length
         self.sort_reversed = sort_reversed
+        self.bucket_size = bucket_size
+        self.batch_order_seed = batch_order_seed
+        self.auto_find_batch_size = auto_find_batch_size
         self.padding_side = padding_side
         self.num_workers = num_workers
         self.tokenizer_name = tokenizer
@@ -124,11 +190,13 @@ class ActivationDataModule(LightningDataModule):
         self.store: TokenStore | None = None
         self.labels: pa.Table | None = None
         self.label_features: dict = {}
-        self.stats: Counter = Counter()
+        # Rows removed by each selection step, in order; reported in the log and the manifest.
+        self.removed: dict[str, int] = {}
+        self.stats: dict[str, float] = {}
         self.batches_per_shard = 1
         self.max_shards: int | None = None
         self.skip_example_ids: np.ndarray | None = None
-        self.first_shard_index = 0
+        self.taken_shard_indices: set[int] = set()
         self.pad_id = 0
 
     def load(self) -> Dataset:
@@ -142,23 +210,26 @@ class ActivationDataModule(LightningDataModule):
             self.path, self.name, split=self.split, data_files=self.data_files, revision=self.revision
         )
 
-    def _tokenize(self, dataset: Dataset, max_length: int | None) -> TokenStore:
+    def _inputs(self, dataset: Dataset, positions: np.ndarray) -> list:
+        """The input column at ``positions``: strings, or tuples of token ids when pre-tokenized."""
+        values = dataset.data.column(self.input_column).take(pa.array(positions, type=pa.int64())).to_pylist()
+        if self._pretokenized:
+            return [tuple(v) if v is not None else () for v in values]
+        return [v if v is not None else "" for v in values]
+
+    def _tokenize(self, inputs: list, example_ids: np.ndarray) -> TokenStore:
+        if self._pretokenized:
+            return TokenStore.from_sequences(inputs, example_ids)
         tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_name, revision=self.tokenizer_revision)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        if tokenizer.pad_token_id is not None:
+            self.pad_id = tokenizer.pad_token_id
         sequences: list[list[int]] = []
-        column = dataset.data.column(self.input_column)
-        for start in range(0, len(column), _TOKENIZE_CHUNK):
-            texts = column.slice(start, _TOKENIZE_CHUNK).to_pylist()
-            # None and "" become empty sequences and are skipped below, never a crash in a batch.
-            texts = [t if t else "" for t in texts]
-            sequences.extend(tokenizer(texts, add_special_tokens=True)["input_ids"])
-        store = TokenStore.from_sequences(sequences)
-        lengths = store.lengths
-        keep = np.flatnonzero(lengths > 0)
-        self.stats["skipped_empty"] = int(len(store) - len(keep))
-        if max_length is not None:
-            self.stats["truncated"] = int((lengths[keep] > max_length).sum())
-        return store.select(keep, max_length=max_length)
+        for start in range(0, len(inputs), _TOKENIZE_CHUNK):
+            sequences.extend(tokenizer(inputs[start : start + _TOKENIZE_CHUNK], add_special_tokens=True)["input_ids"])
+        return TokenStore.from_sequences(sequences, example_ids)
+
+    def _select(self, step: str, kept: np.ndarray, before: int) -> None:
+        self.removed[step] = int(before - len(kept))
 
     def setup(self, stage: str) -> None:
         if self.store is not None:
@@ -166,29 +237,71 @@ class ActivationDataModule(LightningDataModule):
         if self.tokenizer_name is None:
             raise ValueError("data.tokenizer is unset; the CLI links it to model.checkpoint")
         dataset = self.load()
+        self._check_columns(dataset)
+        if dataset._indices is not None:
+            dataset = dataset.flatten_indices()
+        self.stats["loaded"] = len(dataset)
+        ids = np.arange(len(dataset))
+        if self.filter is not None:
+            keep = np.fromiter((bool(self.filter(row)) for row in dataset), dtype=bool, count=len(dataset))
+            self._select("filter", ids[keep], len(ids))
+            ids = ids[keep]
+        inputs = self._inputs(dataset, ids)
+        for step, enabled, select in [("dedupe", self.dedupe, dedupe), ("drop_prefixes", self.drop_prefixes, drop_prefixes)]:
+            if enabled:
+                kept = select(inputs)
+                self._select(step, kept, len(ids))
+                ids, inputs = ids[kept], [inputs[i] for i in kept]
+        store = self._tokenize(inputs, ids)
+        del inputs
+        kept = np.flatnonzero(store.lengths > 0)
+        self._select("empty", kept, len(store))
+        store = store.select(kept)
+        if self.min_tokens is not None or self.max_tokens_per_sequence is not None:
+            kept = length_range(store.lengths, self.min_tokens, self.max_tokens_per_sequence)
+            self._select("token_range", kept, len(store))
+            store = store.select(kept)
+        if self.shuffle_seed is not None or self.limit is not None:
+            kept = shuffle_and_limit(len(store), self.shuffle_seed, self.limit)
+            self._select("limit", kept, len(store))
+            store = store.select(kept)
+        max_length = self.max_length if self.max_length is not None else self._model_context()
+        self.stats["truncated"] = int((store.lengths > max_length).sum()) if max_length else 0
+        store = store.select(np.arange(len(store)), max_length=max_length)
+        if len(store) == 0:
+            raise ValueError(
+                f"no examples left to export: {len(dataset)} rows loaded, removed by each step: {self.removed}; "
+                "loosen the data filters"
+            )
+        self.store = store
+        self.labels = dataset.data.table.select(self.label_columns)
+        self.label_features = {c: dataset.features[c] for c in self.label_columns}
+        self.stats["selected"] = len(store)
+        self.stats["tokens"] = int(store.lengths.sum())
+        log.info(
+            "dataset %s: %d rows loaded, %d selected (%d tokens); removed by each step: %s; %d truncated to %s tokens",
+            self.path, len(dataset), len(store), self.stats["tokens"], self.removed, self.stats["truncated"], max_length,
+        )
+
+    def _check_columns(self, dataset: Dataset) -> None:
         missing = [c for c in [self.input_column, *self.label_columns] if c not in dataset.column_names]
         if missing:
             raise ValueError(
                 f"column(s) {missing} not in the dataset; its columns are {dataset.column_names} "
                 "(check data.input_column and data.label_columns)"
             )
-        if dataset._indices is not None:
-            dataset = dataset.flatten_indices()
-        max_length = self.max_length if self.max_length is not None else self._model_context()
-        store = self._tokenize(dataset, max_length)
-        self.stats["loaded"] = len(dataset)
-        if self.sort_by_length:
-            store = store.select(length_order(store.lengths, descending=self.sort_reversed))
-        self.store = store
-        self.labels = dataset.data.table.select(self.label_columns)
-        self.label_features = {c: dataset.features[c] for c in self.label_columns}
-        self.stats["selected"] = len(store)
-        log.info(
-            "dataset %s: %d rows loaded, %d selected (%s)", self.path, len(dataset), len(store), dict(self.stats)
-        )
+        arrow_type = dataset.data.schema.field(self.input_column).type
+        self._pretokenized = (
+            pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type)
+        ) and pa.types.is_integer(arrow_type.value_type)
+        if not (self._pretokenized or pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type)):
+            raise ValueError(
+                f"data.input_column {self.input_column!r} holds {arrow_type}; it must hold text, "
+                "or lists of token ids (a pre-tokenized input_ids column)"
+            )
 
     def _model_context(self) -> int | None:
-        trainer = getattr(self, "_trainer", None)
+        trainer = self.trainer
         module = trainer.lightning_module if trainer is not None else None
         config = getattr(module, "config", None)
         if config is None:
@@ -198,7 +311,7 @@ class ActivationDataModule(LightningDataModule):
         return context_size(config)
 
     def export_settings(self) -> dict:
-        """Settings that decide which examples an export holds and what their tokens are."""
+        """Settings that decide which examples an export holds, their tokens and their grouping."""
         return {
             "path": self.path,
             "name": self.name,
@@ -207,9 +320,18 @@ class ActivationDataModule(LightningDataModule):
             "revision": self.revision,
             "input_column": self.input_column,
             "label_columns": self.label_columns,
+            "filter": None if self.filter is None else f"{self.filter.__module__}.{getattr(self.filter, '__qualname__', self.filter)}",
+            "dedupe": self.dedupe,
+            "drop_prefixes": self.drop_prefixes,
+            "min_tokens": self.min_tokens,
+            "max_tokens_per_sequence": self.max_tokens_per_sequence,
+            "shuffle_seed": self.shuffle_seed,
+            "limit": self.limit,
             "max_length": self.max_length,
             "sort_by_length": self.sort_by_length,
             "sort_reversed": self.sort_reversed,
+            "bucket_size": self.bucket_size,
+            "batch_order_seed": self.batch_order_seed,
         }
 
     def configure_sharding(
@@ -217,44 +339,96 @@ class ActivationDataModule(LightningDataModule):
         batches_per_shard: int,
         max_shards: int | None = None,
         skip_example_ids: np.ndarray | None = None,
-        first_shard_index: int = 0,
+        taken_shard_indices: set[int] | None = None,
     ) -> None:
         """Called by the writer before the dataloader is built: how batches group into shards, and
-        which examples a resumed export already holds."""
+        what a resumed export already holds (examples, and shard indices in use)."""
         self.batches_per_shard = batches_per_shard
         self.max_shards = max_shards
         self.skip_example_ids = skip_example_ids
-        self.first_shard_index = first_shard_index
+        self.taken_shard_indices = set(taken_shard_indices or ())
 
-    def plan(self) -> list[list[np.ndarray]]:
-        """Shards still to export (positions into ``self.store``), identical on every rank.
+    def plan(self) -> tuple[list[list[np.ndarray]], list[int]]:
+        """Shards still to export (positions into ``self.store``) and their indices; identical on every rank.
 
-        Resuming drops the examples already exported and plans the rest the same way; shards that
-        were complete are whole runs of full batches, so the remaining batches come out unchanged.
+        The plan covers the whole selection, so ``max_shards`` always means the same examples. Resuming
+        removes the examples already in complete shards; what remains keeps its place in the plan.
         """
         assert self.store is not None, "setup() must run before plan()"
-        positions = np.arange(len(self.store))
+        lengths = self.store.lengths
+        batches = plan_batches(
+            lengths, self.batch_size, self.max_tokens, self.sort_by_length, self.sort_reversed,
+            self.bucket_size, self.batch_order_seed,
+        )
+        shards = group_shards(batches, self.batches_per_shard, self.max_shards)
+        self.stats["padding_efficiency"] = round(padding_efficiency([b for s in shards for b in s], lengths), 4)
+        indices = list(range(len(shards)))
         if self.skip_example_ids is not None and len(self.skip_example_ids):
-            positions = positions[~np.isin(self.store.example_ids, self.skip_example_ids)]
-        if self.max_shards == 0:
-            return []
-        batches = [positions[b] for b in chunk_batches(len(positions), self.batch_size)]
-        return group_shards(batches, self.batches_per_shard, self.max_shards)
+            done = np.isin(self.store.example_ids, self.skip_example_ids)
+            remaining, kept_indices = [], []
+            for index, shard in zip(indices, shards):
+                left = [b[~done[b]] for b in shard]
+                left = [b for b in left if len(b)]
+                if left:
+                    remaining.append(left)
+                    kept_indices.append(index)
+            shards, indices = remaining, kept_indices
+        # A partly exported shard (possible when batching settings changed) gets a fresh index.
+        next_free = max([*self.taken_shard_indices, *indices], default=-1) + 1
+        renamed = []
+        for index in indices:
+            if index in self.taken_shard_indices:
+                index, next_free = next_free, next_free + 1
+            renamed.append(index)
+        return shards, renamed
 
     def label_rows(self, example_ids: np.ndarray) -> pa.Table:
         """Label columns of the given rows of the loaded split, in that order."""
         return self.labels.take(pa.array(example_ids, type=pa.int64()))
 
+    def _search_batch_size(self) -> None:
+        """Probe the longest batch of the run on the device, halving the size until it fits."""
+        trainer = self.trainer
+        module = trainer.lightning_module
+        if not batch_size_search_applies(trainer.strategy.root_device):
+            log.info("data.auto_find_batch_size does not apply on %s; using the configured size", trainer.strategy.root_device)
+            return
+        lengths = self.store.lengths
+        longest = np.argsort(-lengths, kind="stable")
+        budget_mode = self.max_tokens is not None
+        start = self.max_tokens if budget_mode else self.batch_size
+
+        def fits(size: int) -> bool:
+            rows = max(1, min(self.batch_size, size // int(lengths[longest[0]]))) if budget_mode else size
+            batch = collate(self.store, PlannedBatch(longest[:rows], 0, True), self.pad_id, self.padding_side)
+            return module.probe(batch)
+
+        found = find_batch_size(fits, start)
+        # Every rank must plan the same batches: take the smallest size any rank found.
+        found = int(trainer.strategy.all_gather(torch.tensor(found, device=trainer.strategy.root_device)).min())
+        if budget_mode:
+            self.max_tokens = found
+        else:
+            self.batch_size = found
+        log.info("data.auto_find_batch_size: using %s=%d", "max_tokens" if budget_mode else "batch_size", found)
+        self.stats["batch_size" if not budget_mode else "max_tokens"] = found
+
     def predict_dataloader(self) -> DataLoader:
-        shards = self.plan()
-        trainer = getattr(self, "_trainer", None)
+        trainer = self.trainer
+        if self.auto_find_batch_size and trainer is not None:
+            self._search_batch_size()
+        shards, shard_ids = self.plan()
         rank, world_size = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         lengths = self.store.lengths
         shard_tokens = [int(sum(lengths[b].sum() for b in shard)) for shard in shards]
         owned = assign_shards(shard_tokens, world_size)[rank]
-        shard_ids = [self.first_shard_index + i for i in range(len(shards))]
         planned = rank_batches(shards, shard_ids, owned)
-        self.planned_tokens = int(sum(lengths[b.positions].sum() for b in planned))
+        self.stats["planned_shards"] = len(shards)
+        self.stats["planned_tokens_this_rank"] = int(sum(lengths[b.positions].sum() for b in planned))
+        log.info(
+            "plan: %d shards to write (%d on this rank), padding efficiency %.3f",
+            len(shards), len(owned), self.stats["padding_efficiency"],
+        )
         return DataLoader(
             _PlanDataset(planned),
             batch_size=None,
@@ -262,3 +436,7 @@ class ActivationDataModule(LightningDataModule):
             num_workers=self.num_workers,
             collate_fn=partial(collate, self.store, pad_id=self.pad_id, padding_side=self.padding_side),
         )
+
+    def summary(self) -> dict:
+        """Selection and batching numbers for the manifest."""
+        return {"removed": dict(self.removed), **self.stats}

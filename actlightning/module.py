@@ -168,7 +168,7 @@ class ActivationModule(LightningModule):
             self.checkpoint, self.num_layers, self.hidden_size, self.layers, self.storage_dtype,
         )
 
-    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
+    def _forward(self, batch: dict) -> dict:
         input_ids = batch["input_ids"]
         hidden = self.capture(
             input_ids=input_ids, attention_mask=batch["attention_mask"], position_ids=batch["position_ids"]
@@ -185,6 +185,50 @@ class ActivationModule(LightningModule):
             "start_position": start_position.cpu(),
             "input_ids": input_ids.reshape(-1).index_select(0, flat).to(torch.int32).cpu(),
             "layers": layers,
+        }
+
+    def _forward_splitting(self, batch: dict) -> dict:
+        """Forward ``batch``; if it runs out of device memory, forward each half and join the results.
+
+        Rows never interact, so the halves give the same activations; a batch is never dropped.
+        """
+        try:
+            return self._forward(batch)
+        except torch.cuda.OutOfMemoryError:
+            rows = batch["input_ids"].shape[0]
+            if rows == 1:
+                raise
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        half = rows // 2
+        log.warning("a batch of %d sequences ran out of memory; retrying as %d + %d", rows, half, rows - half)
+        parts = [self._forward_splitting(_rows(batch, slice(0, half))), self._forward_splitting(_rows(batch, slice(half, rows)))]
+        return {
+            **{key: torch.cat([p[key] for p in parts]) for key in ("example_id", "n_tokens", "start_position", "input_ids")},
+            "layers": {name: torch.cat([p["layers"][name] for p in parts]) for name in parts[0]["layers"]},
+        }
+
+    def probe(self, batch: dict) -> bool:
+        """Whether ``batch`` fits in device memory (used by the batch-size search)."""
+        batch = self.transfer_batch_to_device(batch, self.device, 0)
+        try:
+            with torch.inference_mode():
+                self._forward(batch)
+            return True
+        except torch.cuda.OutOfMemoryError:
+            return False
+        finally:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
+        return {
+            **self._forward_splitting(batch),
             "shard_index": batch["shard_index"],
             "last_in_shard": batch["last_in_shard"],
         }
+
+
+def _rows(batch: dict, rows: slice) -> dict:
+    """The sub-batch of ``rows`` (tensors sliced along the batch dimension, the rest kept)."""
+    return {k: v[rows] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}

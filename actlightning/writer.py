@@ -126,7 +126,7 @@ class ParquetShardWriter(BasePredictionWriter):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "predict":
             return
-        datamodule = trainer.datamodule
+        datamodule = self._datamodule = trainer.datamodule
         self.settings = self.export_settings(trainer, pl_module)
         resume = self._prepare_output_dir(trainer, self.settings)
         trainer.strategy.barrier("actlightning-output-dir")
@@ -138,9 +138,9 @@ class ParquetShardWriter(BasePredictionWriter):
                 [pq.read_table(self.output_dir / i.file, columns=[EXAMPLE_ID]).column(0).to_numpy() for i in existing]
             )
             log.info("resuming: %d complete shards hold %d examples", len(existing), len(done_ids))
-        remaining_shards = None if self.max_shards is None else max(self.max_shards - len(existing), 0)
-        first_index = max((i.shard_index for i in existing), default=-1) + 1
-        datamodule.configure_sharding(self.batches_per_shard, remaining_shards, done_ids, first_index)
+        datamodule.configure_sharding(
+            self.batches_per_shard, self.max_shards, done_ids, {i.shard_index for i in existing}
+        )
         features = build_features(
             pl_module.hidden_size, pl_module.layer_columns, pl_module.storage_dtype, datamodule.label_features
         )
@@ -157,6 +157,7 @@ class ParquetShardWriter(BasePredictionWriter):
             for path in shard_files(self.output_dir):
                 if path.name not in self._known:
                     self._known[path.name] = ShardInfo.read(path)
+            extra = {"data": self._datamodule.summary(), **(extra or {})}
             manifest = build_manifest(self.settings, self._known.values(), complete, extra)
             write_json_atomic(self.output_dir / MANIFEST, manifest)
 

@@ -85,3 +85,17 @@ class Reference:
     def hidden_states(self, tokens: list[int]) -> list[np.ndarray]:
         out = self.model(torch.tensor([tokens]), output_hidden_states=True)
         return [h[0].numpy() for h in out.hidden_states]
+
+
+def assert_rows_match_reference(
+    rows: list[dict], texts: dict[int, str], checkpoint: Path, n_pos: int | None = None, atol: float = 1e-5
+) -> None:
+    """Every exported float32 vector equals the unpadded single-sequence forward (``texts`` by example_id)."""
+    reference = Reference(checkpoint)
+    for row in rows:
+        tokens = reference.tokens(texts[row["example_id"]])
+        start = 0 if n_pos is None else max(0, len(tokens) - n_pos)
+        assert row["input_ids"] == tokens[start:]
+        expected = reference.hidden_states(tokens)
+        for name in (k for k in row if k.startswith("layer_")):
+            np.testing.assert_allclose(row[name], expected[int(name.removeprefix("layer_"))][start:], rtol=0, atol=atol)
