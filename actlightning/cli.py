@@ -24,18 +24,30 @@ TRAINER_DEFAULTS = {
 }
 
 
+class _RankFilter(logging.Filter):
+    """Adds ``rank`` to log records, so lines from several processes can be told apart."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+        record.rank = getattr(rank_zero_only, "rank", 0)
+        return True
+
+
 def configure_logging(log_file: Path | None) -> None:
     """INFO logs of this package to stderr, and with ``log_file`` also Lightning's, to that file."""
-    formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    formatter = logging.Formatter("%(asctime)s %(levelname)s [rank %(rank)s] %(name)s: %(message)s")
     log.setLevel(logging.INFO)
     if not any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler) for h in log.handlers):
         stream = logging.StreamHandler(sys.stderr)
         stream.setFormatter(formatter)
+        stream.addFilter(_RankFilter())
         log.addHandler(stream)
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True)
         handler = logging.FileHandler(log_file)
         handler.setFormatter(formatter)
+        handler.addFilter(_RankFilter())
         for name in ("actlightning", "lightning.pytorch", "lightning.fabric"):
             logging.getLogger(name).addHandler(handler)
 
@@ -72,6 +84,11 @@ class ActLightningCLI(LightningCLI):
 
     def predict(self, model: ActivationModule, datamodule: ActivationDataModule, **_: object) -> None:
         writer: ParquetShardWriter = self._get(self.config_init, "writer")
+        settings = writer.export_settings(self.trainer, model, datamodule)
+        # Checked before any data loads or weights: a finished export is not recomputed.
+        if writer.inspect_output_dir(settings) == "complete":
+            log.info("the export in %s is already complete; nothing to do", writer.output_dir)
+            return
         parser = self._parser(self.subcommand)
         writer.config_yaml = parser.dump(self.config.get(str(self.subcommand), self.config), skip_none=False)
         self.trainer.predict(model, datamodule=datamodule, return_predictions=False)

@@ -18,6 +18,7 @@ from actlightning.shards import SHARD_PATTERN, ShardInfo
 
 MANIFEST = "manifest.json"
 CONFIG = "config.yaml"
+CARD = "README.md"
 FORMAT_VERSION = 1
 
 

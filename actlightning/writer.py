@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import logging
-import shutil
+import os
 import threading
 import time
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -15,6 +16,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from typing_extensions import override
 
 from actlightning.manifest import (
+    CARD,
     CONFIG,
     MANIFEST,
     build_manifest,
@@ -27,6 +29,8 @@ from actlightning.schema import EXAMPLE_ID, batch_to_table, build_features, buil
 from actlightning.shards import BackgroundShardWriter, Compression, ShardInfo, is_tmp_file, parquet_options
 
 log = logging.getLogger(__name__)
+
+ExportState = Literal["new", "resume", "complete", "overwrite"]
 
 
 class ParquetShardWriter(BasePredictionWriter):
@@ -70,67 +74,83 @@ class ParquetShardWriter(BasePredictionWriter):
         self.config_yaml: str | None = None
         self._writer: BackgroundShardWriter | None = None
         self._known: dict[str, ShardInfo] = {}
-        self._lock = threading.Lock()
 
-    def export_settings(self, trainer: Trainer, pl_module: LightningModule) -> dict:
+    def export_settings(self, trainer: Trainer, pl_module: LightningModule, datamodule=None) -> dict:
         """Settings that define an export: resuming under different ones would mix two exports."""
+        datamodule = datamodule if datamodule is not None else trainer.datamodule
         return {
             "model": pl_module.export_settings(),
-            "data": trainer.datamodule.export_settings(),
+            "data": datamodule.export_settings(),
             "max_shards": self.max_shards,
         }
 
-    def _prepare_output_dir(self, trainer: Trainer, settings: dict) -> bool:
-        """Validate ``output_dir`` and, on rank zero, clean it. Returns whether this run resumes."""
+    def inspect_output_dir(self, settings: dict) -> ExportState:
+        """What ``output_dir`` holds, read-only: ``new``, ``resume``, ``complete`` or ``overwrite``.
+
+        Raises ``ValueError`` (naming the setting) when the folder cannot take this export.
+        """
         folder = self.output_dir
         if folder.exists() and not folder.is_dir():
-            raise ValueError(f"writer.output_dir {folder} exists and is not a directory")
+            raise ValueError(f"writer.output_dir {folder} exists and is not a directory; choose a folder")
+        existing_parent = next((p for p in [folder, *folder.parents] if p.exists()), None)
+        if existing_parent is not None and not os.access(existing_parent, os.W_OK | os.X_OK):
+            raise ValueError(f"writer.output_dir {folder} is not writable ({existing_parent} denies writing)")
         entries = sorted(p.name for p in folder.iterdir()) if folder.exists() else []
-        manifest = read_manifest(folder) if MANIFEST in entries else None
-        ours = [n for n in entries if n in (MANIFEST, CONFIG) or is_tmp_file(n) or n.startswith(".manifest.json")]
-        ours += [p.name for p in shard_files(folder)]
-        resume = False
-        if entries and self.overwrite:
-            foreign = sorted(set(entries) - set(ours))
+        if not entries:
+            return "new"
+        if self.overwrite:
+            foreign = sorted(set(entries) - set(self._own_files(entries)))
             if foreign:
                 raise ValueError(
                     f"writer.overwrite would clear {folder}, but it holds files this tool did not write: "
                     f"{foreign[:5]}; choose another writer.output_dir"
                 )
-            if trainer.is_global_zero:
-                for name in ours:
-                    path = folder / name
-                    shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-        elif entries:
-            if manifest is None:
-                raise ValueError(
-                    f"writer.output_dir {folder} is not empty and holds no export of this tool "
-                    f"(found {entries[:5]}); choose an empty or new folder"
-                )
-            differences = settings_differences(manifest.get("settings", {}), settings)
-            if differences:
-                raise ValueError(
-                    f"writer.output_dir {folder} holds an export with different settings ({', '.join(differences)}); "
-                    "use another writer.output_dir, or writer.overwrite: true to replace it"
-                )
-            resume = True
-            if trainer.is_global_zero:
-                for name in entries:
-                    if is_tmp_file(name) or name.startswith(".manifest.json"):
-                        (folder / name).unlink(missing_ok=True)
-        if trainer.is_global_zero:
-            folder.mkdir(parents=True, exist_ok=True)
-        return resume
+            return "overwrite"
+        manifest = read_manifest(folder) if MANIFEST in entries else None
+        if manifest is None:
+            raise ValueError(
+                f"writer.output_dir {folder} is not empty and holds no export of this tool "
+                f"(found {entries[:5]}); choose an empty or new folder"
+            )
+        differences = settings_differences(manifest.get("settings", {}), settings)
+        if differences:
+            raise ValueError(
+                f"writer.output_dir {folder} holds an export with different settings ({', '.join(differences)}); "
+                "use another writer.output_dir, or writer.overwrite: true to replace it"
+            )
+        return "complete" if manifest.get("complete") else "resume"
+
+    def _own_files(self, entries: list[str]) -> list[str]:
+        own = [n for n in entries if n in (MANIFEST, CONFIG, CARD) or is_tmp_file(n) or n.startswith(".manifest.json")]
+        return own + [p.name for p in shard_files(self.output_dir)]
+
+    def _clean_output_dir(self, state: ExportState) -> None:
+        """On rank zero: delete this tool's files (overwrite) or leftover temporary files (resume)."""
+        folder = self.output_dir
+        entries = sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+        if state == "overwrite":
+            for name in self._own_files(entries):
+                (folder / name).unlink(missing_ok=True)
+        else:
+            # Temporary files are shards a killed run never finished: the plan redoes their examples.
+            for name in entries:
+                if is_tmp_file(name) or name.startswith(".manifest.json"):
+                    (folder / name).unlink(missing_ok=True)
+        folder.mkdir(parents=True, exist_ok=True)
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "predict":
             return
+        self._lock = threading.Lock()
         datamodule = self._datamodule = trainer.datamodule
         self.settings = self.export_settings(trainer, pl_module)
-        resume = self._prepare_output_dir(trainer, self.settings)
-        trainer.strategy.barrier("actlightning-output-dir")
-        existing = [ShardInfo.read(p) for p in shard_files(self.output_dir)] if resume else []
+        state = self.inspect_output_dir(self.settings)
+        trainer.strategy.barrier("actlightning-inspected")
+        if trainer.is_global_zero:
+            self._clean_output_dir(state)
+        trainer.strategy.barrier("actlightning-cleaned")
+        existing = [ShardInfo.read(p) for p in shard_files(self.output_dir)] if state in ("resume", "complete") else []
         self._known = {info.file: info for info in existing}
         done_ids = None
         if existing:
