@@ -7,6 +7,8 @@ ranks take whole shards, so every example is exported exactly once whatever the 
 
 from __future__ import annotations
 
+from actlightning.errors import ConfigError
+
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import chain
@@ -67,7 +69,7 @@ def length_order(lengths: np.ndarray, descending: bool = False) -> np.ndarray:
 def chunk_batches(num_examples: int, batch_size: int) -> list[np.ndarray]:
     """Consecutive positions in batches of ``batch_size``; the last one may be shorter."""
     if batch_size <= 0:
-        raise ValueError(f"data.batch_size must be a positive integer, got {batch_size}")
+        raise ConfigError(f"data.batch_size must be a positive integer, got {batch_size}")
     return [np.arange(s, min(s + batch_size, num_examples)) for s in range(0, num_examples, batch_size)]
 
 

@@ -8,6 +8,8 @@ most models (GPT-2, Llama, ...) has the final norm applied. Hooks give the same 
 
 from __future__ import annotations
 
+from actlightning.errors import ConfigError
+
 from collections.abc import Sequence
 
 import torch
@@ -23,7 +25,7 @@ def find_blocks(model: nn.Module, num_layers: int) -> tuple[str, nn.ModuleList]:
     for name, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and len(module) == num_layers:
             return name, module
-    raise ValueError(
+    raise ConfigError(
         f"could not find the list of {num_layers} decoder blocks in {type(model).__name__}; "
         "this model architecture is not supported"
     )
@@ -35,18 +37,18 @@ def resolve_layers(layers: Sequence[int] | None, num_layers: int) -> list[int]:
     if layers is None:
         return list(range(count))
     if len(layers) == 0:
-        raise ValueError("model.layers is empty; leave it unset to export all layers")
+        raise ConfigError("model.layers is empty; leave it unset to export all layers")
     resolved = []
     for index in layers:
         if not -count <= index < count:
-            raise ValueError(
+            raise ConfigError(
                 f"model.layers contains {index}, out of range for a model with {num_layers} layers "
                 f"(hidden_states has {count} entries: valid indices are {-count}..{count - 1})"
             )
         resolved.append(index % count)
     duplicates = sorted({i for i in resolved if resolved.count(i) > 1})
     if duplicates:
-        raise ValueError(f"model.layers names hidden_states index {duplicates} more than once: {list(layers)}")
+        raise ConfigError(f"model.layers names hidden_states index {duplicates} more than once: {list(layers)}")
     return sorted(resolved)
 
 

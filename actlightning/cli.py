@@ -9,6 +9,7 @@ from pathlib import Path
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 from actlightning.data import ActivationDataModule
+from actlightning.errors import ActivationError, ConfigError
 from actlightning.module import ActivationModule
 from actlightning.writer import ParquetShardWriter
 
@@ -84,6 +85,7 @@ class ActLightningCLI(LightningCLI):
 
     def predict(self, model: ActivationModule, datamodule: ActivationDataModule, **_: object) -> None:
         writer: ParquetShardWriter = self._get(self.config_init, "writer")
+        model.check_settings()
         settings = writer.export_settings(self.trainer, model, datamodule)
         # Checked before any data loads or weights: a finished export is not recomputed.
         if writer.inspect_output_dir(settings) == "complete":
@@ -95,7 +97,16 @@ class ActLightningCLI(LightningCLI):
 
 
 def main(args: ArgsType = None) -> None:
-    ActLightningCLI(args=args)
+    """Entry point of ``python -m actlightning`` and the ``actlightning`` script.
+
+    A mistake in the settings or the inputs ends with one line naming the setting and exit code 2,
+    like jsonargparse's own errors; anything else keeps its traceback.
+    """
+    try:
+        ActLightningCLI(args=args)
+    except (ConfigError, ActivationError) as error:
+        print(f"actlightning: error: {error}", file=sys.stderr)
+        sys.exit(2 if isinstance(error, ConfigError) else 1)
 
 
 if __name__ == "__main__":

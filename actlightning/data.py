@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from actlightning.errors import ConfigError
+
 import logging
 from collections.abc import Callable
 from functools import partial
@@ -10,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import torch
-from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+from datasets import Dataset, DatasetDict, load_dataset, load_dataset_builder, load_from_disk
+from datasets.exceptions import DatasetGenerationError
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
@@ -59,7 +62,7 @@ def _positive(name: str, value: int | None, allow_none: bool = True) -> None:
     if value is None and allow_none:
         return
     if value is None or value <= 0:
-        raise ValueError(f"data.{name} must be a positive integer{' or unset' if allow_none else ''}, got {value}")
+        raise ConfigError(f"data.{name} must be a positive integer{' or unset' if allow_none else ''}, got {value}")
 
 
 def batch_size_search_applies(device: torch.device) -> bool:
@@ -149,12 +152,12 @@ class ActivationDataModule(LightningDataModule):
                              ("max_tokens_per_sequence", max_tokens_per_sequence)]:
             _positive(name_, value)
         if min_tokens is not None and max_tokens_per_sequence is not None and min_tokens > max_tokens_per_sequence:
-            raise ValueError(
+            raise ConfigError(
                 f"data.min_tokens ({min_tokens}) is above data.max_tokens_per_sequence ({max_tokens_per_sequence}): "
                 "no sequence could pass"
             )
         if num_workers < 0:
-            raise ValueError(f"data.num_workers must be 0 or more, got {num_workers}")
+            raise ConfigError(f"data.num_workers must be 0 or more, got {num_workers}")
         self.path = path
         self.input_column = input_column
         self.name = name
@@ -183,7 +186,7 @@ class ActivationDataModule(LightningDataModule):
         self.tokenizer_revision = tokenizer_revision
         for label in self.label_columns:
             if is_reserved_column(label):
-                raise ValueError(
+                raise ConfigError(
                     f"data.label_columns contains {label!r}, which is the name of a column the export writes; "
                     "rename it in the dataset first"
                 )
@@ -200,15 +203,42 @@ class ActivationDataModule(LightningDataModule):
         self.pad_id = 0
 
     def load(self) -> Dataset:
-        """The split to export, as a ``datasets.Dataset``."""
+        """The split to export, as a ``datasets.Dataset``; a wrong path, name or split is a ConfigError."""
         if _is_saved_dataset(self.path):
             loaded = load_from_disk(self.path)
             if isinstance(loaded, DatasetDict):
+                if self.split not in loaded:
+                    raise ConfigError(
+                        f"data.split {self.split!r} is not in {self.path}; its splits are {sorted(loaded)}"
+                    )
                 loaded = loaded[self.split]
             return loaded
-        return load_dataset(
-            self.path, self.name, split=self.split, data_files=self.data_files, revision=self.revision
-        )
+        try:
+            builder = load_dataset_builder(self.path, self.name, data_files=self.data_files, revision=self.revision)
+        except (FileNotFoundError, OSError, ValueError) as error:
+            message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ConfigError(
+                f"data.path {self.path!r} (name {self.name!r}, data_files {self.data_files!r}) could not be loaded: "
+                f"{message}"
+            ) from None
+        splits = builder.info.splits
+        if splits and self.split not in splits and "[" not in self.split:
+            raise ConfigError(f"data.split {self.split!r} does not exist; the splits are {sorted(splits)}")
+        try:
+            return load_dataset(
+                self.path, self.name, split=self.split, data_files=self.data_files, revision=self.revision
+            )
+        except Exception as error:  # noqa: BLE001 - any failure to read the data is reported as one line
+            cause = error.__cause__ if isinstance(error, DatasetGenerationError) and error.__cause__ else error
+            text = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+            if "corresponds to no data" in text or isinstance(cause, StopIteration):
+                raise ConfigError(
+                    f"data.split {self.split!r} of data.path {self.path!r} is empty: there is nothing to export"
+                ) from None
+            raise ConfigError(
+                f"data.path {self.path!r} (data_files {self.data_files!r}, split {self.split!r}) could not be read: "
+                f"{type(cause).__name__}: {text}"
+            ) from None
 
     def _inputs(self, dataset: Dataset, positions: np.ndarray) -> list:
         """The input column at ``positions``: strings, or tuples of token ids when pre-tokenized."""
@@ -220,7 +250,12 @@ class ActivationDataModule(LightningDataModule):
     def _tokenize(self, inputs: list, example_ids: np.ndarray) -> TokenStore:
         if self._pretokenized:
             return TokenStore.from_sequences(inputs, example_ids)
-        tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_name, revision=self.tokenizer_revision)
+        from actlightning.module import load_pretrained
+
+        tokenizer = load_pretrained(
+            AutoTokenizer.from_pretrained, "model.checkpoint (its tokenizer)", self.tokenizer_name,
+            revision=self.tokenizer_revision,
+        )
         if tokenizer.pad_token_id is not None:
             self.pad_id = tokenizer.pad_token_id
         sequences: list[list[int]] = []
@@ -235,12 +270,14 @@ class ActivationDataModule(LightningDataModule):
         if self.store is not None:
             return
         if self.tokenizer_name is None:
-            raise ValueError("data.tokenizer is unset; the CLI links it to model.checkpoint")
+            raise ConfigError("data.tokenizer is unset; the CLI links it to model.checkpoint")
         dataset = self.load()
         self._check_columns(dataset)
         if dataset._indices is not None:
             dataset = dataset.flatten_indices()
         self.stats["loaded"] = len(dataset)
+        if len(dataset) == 0:
+            raise ConfigError(f"data.split {self.split!r} of {self.path!r} is empty: there is nothing to export")
         ids = np.arange(len(dataset))
         if self.filter is not None:
             keep = np.fromiter((bool(self.filter(row)) for row in dataset), dtype=bool, count=len(dataset))
@@ -265,11 +302,17 @@ class ActivationDataModule(LightningDataModule):
             kept = shuffle_and_limit(len(store), self.shuffle_seed, self.limit)
             self._select("limit", kept, len(store))
             store = store.select(kept)
-        max_length = self.max_length if self.max_length is not None else self._model_context()
+        context = self._model_context()
+        if self.max_length is not None and context is not None and self.max_length > context:
+            raise ConfigError(
+                f"data.max_length is {self.max_length}, above the model's context size {context}; "
+                f"use at most {context}, or leave it unset to truncate at the context size"
+            )
+        max_length = self.max_length if self.max_length is not None else context
         self.stats["truncated"] = int((store.lengths > max_length).sum()) if max_length else 0
         store = store.select(np.arange(len(store)), max_length=max_length)
         if len(store) == 0:
-            raise ValueError(
+            raise ConfigError(
                 f"no examples left to export: {len(dataset)} rows loaded, removed by each step: {self.removed}; "
                 "loosen the data filters"
             )
@@ -286,7 +329,7 @@ class ActivationDataModule(LightningDataModule):
     def _check_columns(self, dataset: Dataset) -> None:
         missing = [c for c in [self.input_column, *self.label_columns] if c not in dataset.column_names]
         if missing:
-            raise ValueError(
+            raise ConfigError(
                 f"column(s) {missing} not in the dataset; its columns are {dataset.column_names} "
                 "(check data.input_column and data.label_columns)"
             )
@@ -295,7 +338,7 @@ class ActivationDataModule(LightningDataModule):
             pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type)
         ) and pa.types.is_integer(arrow_type.value_type)
         if not (self._pretokenized or pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type)):
-            raise ValueError(
+            raise ConfigError(
                 f"data.input_column {self.input_column!r} holds {arrow_type}; it must hold text, "
                 "or lists of token ids (a pre-tokenized input_ids column)"
             )

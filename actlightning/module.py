@@ -2,19 +2,38 @@
 
 from __future__ import annotations
 
+from actlightning.errors import ConfigError
+
 import logging
+from pathlib import Path
 from typing import Literal
 
 import torch
 from lightning.pytorch import LightningModule
 from transformers import AutoConfig, AutoModel, PretrainedConfig
 
+from actlightning.errors import ActivationError
 from actlightning.capture import HiddenStateCapture, find_blocks, resolve_layers
 from actlightning.schema import TORCH_DTYPES, StorageDtype, layer_column
 
 log = logging.getLogger(__name__)
 
 ComputeDtype = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+def load_pretrained(loader, setting: str, name: str, **kwargs):
+    """``loader(name, **kwargs)``, with a missing folder or an unreachable Hub id as one clear line."""
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).exists()
+    if looks_local and not Path(name).expanduser().is_dir():
+        raise ConfigError(f"{setting} {name!r} is not a folder; give an existing local folder or a Hub id")
+    try:
+        return loader(name, **kwargs)
+    except OSError as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(
+            f"{setting} {name!r} could not be loaded: {first_line} "
+            "(a local folder must hold a saved model; a Hub id needs network access or a warm HF cache)"
+        ) from None
 
 
 def context_size(config: PretrainedConfig) -> int | None:
@@ -75,7 +94,7 @@ class ActivationModule(LightningModule):
     ) -> None:
         super().__init__()
         if n_pos is not None and n_pos <= 0:
-            raise ValueError(f"model.n_pos must be a positive number of tokens or unset, got {n_pos}")
+            raise ConfigError(f"model.n_pos must be a positive number of tokens or unset, got {n_pos}")
         self.checkpoint = checkpoint
         self.revision = revision
         self.dtype_name = dtype
@@ -91,10 +110,26 @@ class ActivationModule(LightningModule):
     def config(self) -> PretrainedConfig:
         """The checkpoint's config (loaded once, without the weights)."""
         if self._config is None:
-            self._config = AutoConfig.from_pretrained(
-                self.checkpoint, revision=self.revision, trust_remote_code=self.trust_remote_code
+            self._config = load_pretrained(
+                AutoConfig.from_pretrained, "model.checkpoint", self.checkpoint,
+                revision=self.revision, trust_remote_code=self.trust_remote_code,
             )
         return self._config
+
+    def check_settings(self) -> None:
+        """Validate the settings against the checkpoint's config, before any weights load."""
+        self.layers  # noqa: B018 - resolving the indices validates them
+        context = context_size(self.config)
+        if self.n_pos is not None and context is not None and self.n_pos > context:
+            raise ConfigError(
+                f"model.n_pos is {self.n_pos}, above the model's context size {context}; "
+                f"use at most {context}, or leave it unset to keep every token"
+            )
+        if not hasattr(self.config, "num_hidden_layers") or not hasattr(self.config, "hidden_size"):
+            raise ConfigError(
+                f"model.checkpoint {self.checkpoint!r} has a {type(self.config).__name__} without "
+                "num_hidden_layers/hidden_size; only decoder language models are supported"
+            )
 
     @property
     def num_layers(self) -> int:
@@ -139,6 +174,9 @@ class ActivationModule(LightningModule):
             "num_layers": self.num_layers,
         }
 
+    def setup(self, stage: str) -> None:
+        self.check_settings()
+
     def configure_model(self) -> None:
         # Loaded here, not in __init__: with transformers 5 a model built in __init__ and sent to a
         # spawned process silently returns hidden_states=None.
@@ -150,7 +188,9 @@ class ActivationModule(LightningModule):
         dtype = self.dtype_name if self.dtype_name == "auto" else TORCH_DTYPES[self.dtype_name]
         # AutoModel is the base model: an LM head over a large vocabulary costs a large share of the
         # forward and nobody exports logits.
-        model = AutoModel.from_pretrained(
+        model = load_pretrained(
+            AutoModel.from_pretrained,
+            "model.checkpoint",
             self.checkpoint,
             revision=self.revision,
             dtype=dtype,
@@ -175,10 +215,14 @@ class ActivationModule(LightningModule):
         )
         batch_size, seq_len = input_ids.shape
         flat, n_tokens, start_position = select_tokens(batch["lengths"], batch["first_token"], seq_len, self.n_pos)
-        layers = {}
+        layers, bad = {}, []
         for index, states in hidden.items():
             vectors = states.reshape(batch_size * seq_len, -1).index_select(0, flat)
-            layers[layer_column(index)] = vectors.to(self._output_dtype).cpu()
+            stored = vectors.to(self._output_dtype)
+            bad.append(torch.stack([(~torch.isfinite(vectors)).sum(), (~torch.isfinite(stored)).sum()]))
+            layers[layer_column(index)] = stored.cpu()
+        # One device sync for all layers: never write a NaN or an overflowed value silently.
+        self._check_finite(list(hidden), torch.stack(bad).tolist())
         return {
             "example_id": batch["example_id"].cpu(),
             "n_tokens": n_tokens.cpu(),
@@ -186,6 +230,19 @@ class ActivationModule(LightningModule):
             "input_ids": input_ids.reshape(-1).index_select(0, flat).to(torch.int32).cpu(),
             "layers": layers,
         }
+
+    def _check_finite(self, indices: list[int], counts: list[list[int]]) -> None:
+        for index, (in_model, in_storage) in zip(indices, counts):
+            if in_model:
+                raise ActivationError(
+                    f"the model produced {in_model} NaN/inf values in hidden_states[{index}] (layer_{index}); "
+                    "nothing of this batch was written. Try model.dtype float32 (half-precision compute can overflow)"
+                )
+            if in_storage:
+                raise ActivationError(
+                    f"model.output_dtype {self.storage_dtype} cannot hold layer_{index}: {in_storage} values "
+                    f"overflow to inf (beyond +-65504 for float16); use output_dtype float32 or bfloat16"
+                )
 
     def _forward_splitting(self, batch: dict) -> dict:
         """Forward ``batch``; if it runs out of device memory, forward each half and join the results.

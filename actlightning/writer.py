@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from actlightning.errors import ConfigError
+
 import logging
 import os
 import threading
@@ -59,11 +61,11 @@ class ParquetShardWriter(BasePredictionWriter):
     ) -> None:
         super().__init__(write_interval="batch")
         if batches_per_shard <= 0:
-            raise ValueError(f"writer.batches_per_shard must be a positive integer, got {batches_per_shard}")
+            raise ConfigError(f"writer.batches_per_shard must be a positive integer, got {batches_per_shard}")
         if max_shards is not None and max_shards <= 0:
-            raise ValueError(f"writer.max_shards must be a positive integer or unset, got {max_shards}")
+            raise ConfigError(f"writer.max_shards must be a positive integer or unset, got {max_shards}")
         if max_pending_batches <= 0:
-            raise ValueError(f"writer.max_pending_batches must be a positive integer, got {max_pending_batches}")
+            raise ConfigError(f"writer.max_pending_batches must be a positive integer, got {max_pending_batches}")
         self.output_dir = Path(output_dir)
         self.batches_per_shard = batches_per_shard
         self.max_shards = max_shards
@@ -91,30 +93,30 @@ class ParquetShardWriter(BasePredictionWriter):
         """
         folder = self.output_dir
         if folder.exists() and not folder.is_dir():
-            raise ValueError(f"writer.output_dir {folder} exists and is not a directory; choose a folder")
+            raise ConfigError(f"writer.output_dir {folder} exists and is not a directory; choose a folder")
         existing_parent = next((p for p in [folder, *folder.parents] if p.exists()), None)
         if existing_parent is not None and not os.access(existing_parent, os.W_OK | os.X_OK):
-            raise ValueError(f"writer.output_dir {folder} is not writable ({existing_parent} denies writing)")
+            raise ConfigError(f"writer.output_dir {folder} is not writable ({existing_parent} denies writing)")
         entries = sorted(p.name for p in folder.iterdir()) if folder.exists() else []
         if not entries:
             return "new"
         if self.overwrite:
             foreign = sorted(set(entries) - set(self._own_files(entries)))
             if foreign:
-                raise ValueError(
+                raise ConfigError(
                     f"writer.overwrite would clear {folder}, but it holds files this tool did not write: "
                     f"{foreign[:5]}; choose another writer.output_dir"
                 )
             return "overwrite"
         manifest = read_manifest(folder) if MANIFEST in entries else None
         if manifest is None:
-            raise ValueError(
+            raise ConfigError(
                 f"writer.output_dir {folder} is not empty and holds no export of this tool "
                 f"(found {entries[:5]}); choose an empty or new folder"
             )
         differences = settings_differences(manifest.get("settings", {}), settings)
         if differences:
-            raise ValueError(
+            raise ConfigError(
                 f"writer.output_dir {folder} holds an export with different settings ({', '.join(differences)}); "
                 "use another writer.output_dir, or writer.overwrite: true to replace it"
             )
