@@ -207,6 +207,10 @@ def collate(
         "lengths": torch.from_numpy(lengths.astype(np.int64)),
         "first_token": torch.from_numpy(np.asarray(first_token, dtype=np.int64)),
         "example_id": torch.from_numpy(store.example_ids[positions]),
+        # numpy stays on the host when Lightning moves the batch: the writer reads these without
+        # waiting for the device.
+        "host_example_id": store.example_ids[positions],
+        "host_tokens": int(lengths.sum()),
         "shard_index": planned.shard_index,
         "last_in_shard": planned.last_in_shard,
     }

@@ -215,34 +215,29 @@ class ActivationModule(LightningModule):
         )
         batch_size, seq_len = input_ids.shape
         flat, n_tokens, start_position = select_tokens(batch["lengths"], batch["first_token"], seq_len, self.n_pos)
-        layers, bad = {}, []
+        layers, nonfinite = {}, []
         for index, states in hidden.items():
             vectors = states.reshape(batch_size * seq_len, -1).index_select(0, flat)
-            stored = vectors.to(self._output_dtype)
-            bad.append(torch.stack([(~torch.isfinite(vectors)).sum(), (~torch.isfinite(stored)).sum()]))
-            layers[layer_column(index)] = stored.cpu()
-        # One device sync for all layers: never write a NaN or an overflowed value silently.
-        self._check_finite(list(hidden), torch.stack(bad).tolist())
-        return {
-            "example_id": batch["example_id"].cpu(),
-            "n_tokens": n_tokens.cpu(),
-            "start_position": start_position.cpu(),
-            "input_ids": input_ids.reshape(-1).index_select(0, flat).to(torch.int32).cpu(),
+            stored = vectors.to(self._output_dtype)  # cast on the device: less to copy
+            nonfinite.append(torch.stack([(~torch.isfinite(vectors)).sum(), (~torch.isfinite(stored)).sum()]))
+            layers[layer_column(index)] = _to_host(stored)
+        prediction = {
+            "example_id": _to_host(batch["example_id"]),
+            "n_tokens": _to_host(n_tokens),
+            "start_position": _to_host(start_position),
+            "input_ids": _to_host(input_ids.reshape(-1).index_select(0, flat).to(torch.int32)),
             "layers": layers,
+            # Checked by the writer before anything of the batch is written (see check_finite).
+            "nonfinite": _to_host(torch.stack(nonfinite)),
+            "layer_indices": list(hidden),
+            "ready": None,
         }
-
-    def _check_finite(self, indices: list[int], counts: list[list[int]]) -> None:
-        for index, (in_model, in_storage) in zip(indices, counts):
-            if in_model:
-                raise ActivationError(
-                    f"the model produced {in_model} NaN/inf values in hidden_states[{index}] (layer_{index}); "
-                    "nothing of this batch was written. Try model.dtype float32 (half-precision compute can overflow)"
-                )
-            if in_storage:
-                raise ActivationError(
-                    f"model.output_dtype {self.storage_dtype} cannot hold layer_{index}: {in_storage} values "
-                    f"overflow to inf (beyond +-65504 for float16); use output_dtype float32 or bfloat16"
-                )
+        if input_ids.device.type == "cuda":
+            # The copies above are asynchronous; the writer thread waits on this event, so the next
+            # forward pass is queued on the GPU while this batch travels to the host.
+            prediction["ready"] = torch.cuda.Event()
+            prediction["ready"].record()
+        return prediction
 
     def _forward_splitting(self, batch: dict) -> dict:
         """Forward ``batch``; if it runs out of device memory, forward each half and join the results.
@@ -260,9 +255,15 @@ class ActivationModule(LightningModule):
         half = rows // 2
         log.warning("a batch of %d sequences ran out of memory; retrying as %d + %d", rows, half, rows - half)
         parts = [self._forward_splitting(_rows(batch, slice(0, half))), self._forward_splitting(_rows(batch, slice(half, rows)))]
+        for part in parts:
+            if part["ready"] is not None:
+                part["ready"].synchronize()
         return {
             **{key: torch.cat([p[key] for p in parts]) for key in ("example_id", "n_tokens", "start_position", "input_ids")},
             "layers": {name: torch.cat([p["layers"][name] for p in parts]) for name in parts[0]["layers"]},
+            "nonfinite": parts[0]["nonfinite"] + parts[1]["nonfinite"],
+            "layer_indices": parts[0]["layer_indices"],
+            "ready": None,
         }
 
     def probe(self, batch: dict) -> bool:
@@ -284,6 +285,34 @@ class ActivationModule(LightningModule):
             "shard_index": batch["shard_index"],
             "last_in_shard": batch["last_in_shard"],
         }
+
+
+def _to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """A host copy of a device tensor: pinned and asynchronous on CUDA; CPU tensors pass through."""
+    if tensor.device.type != "cuda":
+        return tensor
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor, non_blocking=True)
+    return host
+
+
+def check_finite(prediction: dict, storage_dtype: str) -> None:
+    """Raise ``ActivationError`` if the model's activations, or their stored form, hold NaN or inf.
+
+    ``prediction["nonfinite"]`` holds, per exported layer, the counts in the model's output and after
+    the cast to the storage dtype (float16 overflows beyond +-65504).
+    """
+    for index, (in_model, in_storage) in zip(prediction["layer_indices"], prediction["nonfinite"].tolist()):
+        if in_model:
+            raise ActivationError(
+                f"the model produced {in_model} NaN/inf values in hidden_states[{index}] (layer_{index}); "
+                "nothing of this batch was written. Try model.dtype float32 (half-precision compute can overflow)"
+            )
+        if in_storage:
+            raise ActivationError(
+                f"model.output_dtype {storage_dtype} cannot hold layer_{index}: {in_storage} values "
+                "overflow to inf (beyond +-65504 for float16); use output_dtype float32 or bfloat16"
+            )
 
 
 def _rows(batch: dict, rows: slice) -> dict:

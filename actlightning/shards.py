@@ -8,6 +8,7 @@ import queue
 import re
 import threading
 from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -61,6 +62,8 @@ def parquet_options(schema: pa.Schema, compression: Compression, vector_columns:
         "compression": compression,
         "use_dictionary": small,
         "write_statistics": small,
+        # Measured: version 2 data pages write float16 vectors 10-30% faster; every current reader has them.
+        "data_page_version": "2.0",
     }
 
 
@@ -112,49 +115,62 @@ class ShardWriteError(RuntimeError):
 
 
 class BackgroundShardWriter:
-    """Owns the open shard of one rank and writes batches to it on a background thread.
+    """Writes whole shards on one background thread.
 
-    ``submit`` blocks only when ``max_pending`` batches are queued, which bounds memory. An error on
-    the thread is raised by the next ``submit`` or by ``close``, so the run stops with it.
-    ``on_shard_done`` is called on the thread with each finished shard's ``ShardInfo``.
+    ``submit`` blocks only when ``max_pending`` batches are queued, which bounds memory. ``encode``
+    turns a submitted item into ``(table, tokens)`` on the thread, so that waiting for a device copy
+    and building Arrow arrays overlap the next forward pass. An error on the thread is raised by the
+    next ``submit`` or by ``close``, so the run stops with it. ``on_shard_done`` is called on the
+    thread with each finished shard's ``ShardInfo``.
     """
 
-    def __init__(self, folder: Path, rank: int, schema: pa.Schema, options: dict, max_pending: int = 4, on_shard_done=None) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        rank: int,
+        schema: pa.Schema,
+        options: dict,
+        encode: Callable[[object], tuple[pa.Table, int]],
+        max_pending: int = 4,
+        on_shard_done: Callable[[ShardInfo], None] | None = None,
+        name: str = "actlightning-writer",
+    ) -> None:
         self.folder = folder
         self.rank = rank
         self.schema = schema
         self.options = options
+        self.encode = encode
         self.on_shard_done = on_shard_done
         self.finished: list[ShardInfo] = []
         self._queue: queue.Queue = queue.Queue(maxsize=max(max_pending, 1))
         self._error: BaseException | None = None
         self._current: ShardFile | None = None
-        self._thread = threading.Thread(target=self._run, name=f"actlightning-writer-rank{rank}", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
-    def submit(self, shard_index: int, table: pa.Table, tokens: int, last_in_shard: bool) -> None:
-        self._raise_if_failed()
-        self._queue.put((shard_index, table, tokens, last_in_shard))
+    def submit(self, shard_index: int, item: object, last_in_shard: bool) -> None:
+        self.raise_if_failed()
+        self._queue.put((shard_index, item, last_in_shard))
 
     def _run(self) -> None:
         while True:
-            item = self._queue.get()
-            if item is None:
+            entry = self._queue.get()
+            if entry is None:
                 return
             if self._error is not None:
                 continue
-            shard_index, table, tokens, last_in_shard = item
             try:
-                self._write(shard_index, table, tokens, last_in_shard)
+                self._write(*entry)
             except BaseException as error:  # noqa: BLE001 - re-raised on the main thread
                 self._error = error
                 if self._current is not None:
                     self._current.abort()
                     self._current = None
 
-    def _write(self, shard_index: int, table: pa.Table, tokens: int, last_in_shard: bool) -> None:
+    def _write(self, shard_index: int, item: object, last_in_shard: bool) -> None:
         if self._current is not None and self._current.shard_index != shard_index:
             raise AssertionError(f"batch of shard {shard_index} arrived while shard {self._current.shard_index} is open")
+        table, tokens = self.encode(item)
         if self._current is None:
             self._current = ShardFile(self.folder, shard_index, self.rank, self.schema, self.options)
         path = self._current.tmp_path
@@ -169,18 +185,15 @@ class BackgroundShardWriter:
         except OSError as error:
             raise ShardWriteError(f"writing shard {path} failed: {error}") from error
 
-    def _raise_if_failed(self) -> None:
+    def raise_if_failed(self) -> None:
         if self._error is not None:
-            error = self._error
-            if isinstance(error, ShardWriteError):
-                raise error
-            raise ShardWriteError(f"the shard writer failed: {error!r}") from error
+            raise self._error
 
     def close(self) -> list[ShardInfo]:
         """Wait for every queued batch, stop the thread, and raise any error it met."""
         self._queue.put(None)
         self._thread.join()
-        self._raise_if_failed()
+        self.raise_if_failed()
         if self._current is not None:
             # A shard whose last batch never came (an interrupted run): drop it, resume redoes it.
             self._current.abort()
@@ -190,8 +203,55 @@ class BackgroundShardWriter:
     def abort(self) -> None:
         """Stop without finishing the open shard (the run failed)."""
         self._error = self._error or RuntimeError("aborted")
+        while True:  # drop what is queued, so the sentinel below cannot block
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
         self._queue.put(None)
         self._thread.join()
         if self._current is not None:
             self._current.abort()
             self._current = None
+
+
+class ShardWriterPool:
+    """Several ``BackgroundShardWriter`` threads; each shard goes whole to the next thread in turn.
+
+    Parquet encoding mostly releases the GIL, so shards encode in parallel when writing, not the
+    forward pass, is the bottleneck (a fast GPU). Each shard's contents do not depend on the threads.
+    """
+
+    def __init__(self, num_threads: int, **kwargs) -> None:
+        self.writers = [
+            BackgroundShardWriter(**kwargs, name=f"actlightning-writer-rank{kwargs['rank']}-{i}")
+            for i in range(max(num_threads, 1))
+        ]
+        self._owner: dict[int, BackgroundShardWriter] = {}
+        self._next = 0
+
+    def submit(self, shard_index: int, item: object, last_in_shard: bool) -> None:
+        writer = self._owner.get(shard_index)
+        if writer is None:
+            writer = self._owner[shard_index] = self.writers[self._next % len(self.writers)]
+            self._next += 1
+        for other in self.writers:
+            other.raise_if_failed()
+        writer.submit(shard_index, item, last_in_shard)
+        if last_in_shard:
+            del self._owner[shard_index]
+
+    def close(self) -> list[ShardInfo]:
+        errors, finished = [], []
+        for writer in self.writers:
+            try:
+                finished += writer.close()
+            except BaseException as error:  # noqa: BLE001 - the first error is raised below
+                errors.append(error)
+        if errors:
+            raise errors[0]
+        return sorted(finished, key=lambda info: info.shard_index)
+
+    def abort(self) -> None:
+        for writer in self.writers:
+            writer.abort()

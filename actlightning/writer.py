@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
@@ -28,7 +29,8 @@ from actlightning.manifest import (
     write_json_atomic,
 )
 from actlightning.schema import EXAMPLE_ID, batch_to_table, build_features, build_schema
-from actlightning.shards import BackgroundShardWriter, Compression, ShardInfo, is_tmp_file, parquet_options
+from actlightning.module import check_finite
+from actlightning.shards import Compression, ShardInfo, ShardWriterPool, is_tmp_file, parquet_options
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +48,10 @@ class ParquetShardWriter(BasePredictionWriter):
             are deleted). Without it, a different export there is refused, and an unfinished export of
             the same settings is resumed.
         compression: Parquet compression codec. ``none`` is fastest; ``zstd`` saves disk for a little CPU.
-        max_pending_batches: Batches queued for the background writer before the forward pass waits
-            for it; bounds host memory.
+        max_pending_batches: Batches queued for each writer thread before the forward pass waits for
+            it; bounds host memory (at most ``writer_threads x max_pending_batches`` batches in flight).
+        writer_threads: Threads encoding and writing shards in parallel (each shard is written whole
+            by one thread). Raise it when writing, not the forward pass, is the bottleneck (fast GPUs).
     """
 
     def __init__(
@@ -58,6 +62,7 @@ class ParquetShardWriter(BasePredictionWriter):
         overwrite: bool = False,
         compression: Compression = "none",
         max_pending_batches: int = 4,
+        writer_threads: int = 1,
     ) -> None:
         super().__init__(write_interval="batch")
         if batches_per_shard <= 0:
@@ -66,12 +71,15 @@ class ParquetShardWriter(BasePredictionWriter):
             raise ConfigError(f"writer.max_shards must be a positive integer or unset, got {max_shards}")
         if max_pending_batches <= 0:
             raise ConfigError(f"writer.max_pending_batches must be a positive integer, got {max_pending_batches}")
+        if writer_threads <= 0:
+            raise ConfigError(f"writer.writer_threads must be a positive integer, got {writer_threads}")
         self.output_dir = Path(output_dir)
         self.batches_per_shard = batches_per_shard
         self.max_shards = max_shards
         self.overwrite = overwrite
         self.compression = compression
         self.max_pending_batches = max_pending_batches
+        self.writer_threads = writer_threads
         # Set by the CLI: the resolved config, saved as config.yaml next to the shards.
         self.config_yaml: str | None = None
         self._writer: BackgroundShardWriter | None = None
@@ -166,6 +174,7 @@ class ParquetShardWriter(BasePredictionWriter):
         features = build_features(
             pl_module.hidden_size, pl_module.layer_columns, pl_module.storage_dtype, datamodule.label_features
         )
+        self.storage_dtype = pl_module.storage_dtype
         self.schema = build_schema(features, pl_module.storage_dtype)
         self.options = parquet_options(self.schema, self.compression, pl_module.layer_columns)
         if trainer.is_global_zero:
@@ -191,14 +200,24 @@ class ParquetShardWriter(BasePredictionWriter):
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._started = time.perf_counter()
         self._tokens = 0
-        self._writer = BackgroundShardWriter(
-            self.output_dir,
-            trainer.global_rank,
-            self.schema,
-            self.options,
+        self._writer = ShardWriterPool(
+            self.writer_threads,
+            folder=self.output_dir,
+            rank=trainer.global_rank,
+            schema=self.schema,
+            options=self.options,
+            encode=self._encode,
             max_pending=self.max_pending_batches,
             on_shard_done=self._on_shard_done,
         )
+
+    def _encode(self, item: tuple[dict, pa.Table | None]) -> tuple[pa.Table, int]:
+        """On a writer thread: wait for the device copy, refuse NaN/overflow, build the Arrow table."""
+        prediction, labels = item
+        if prediction["ready"] is not None:
+            prediction["ready"].synchronize()
+        check_finite(prediction, self.storage_dtype)
+        return batch_to_table(prediction, self.schema, labels), int(prediction["n_tokens"].sum())
 
     @override
     def write_on_batch_end(
@@ -206,11 +225,9 @@ class ParquetShardWriter(BasePredictionWriter):
     ) -> None:
         labels = None
         if trainer.datamodule.label_columns:
-            labels = trainer.datamodule.label_rows(prediction["example_id"].numpy())
-        table = batch_to_table(prediction, self.schema, labels)
-        tokens = int(prediction["n_tokens"].sum())
-        self._tokens += tokens
-        self._writer.submit(prediction["shard_index"], table, tokens, prediction["last_in_shard"])
+            labels = trainer.datamodule.label_rows(batch["host_example_id"])
+        self._tokens += batch["host_tokens"]
+        self._writer.submit(prediction["shard_index"], (prediction, labels), prediction["last_in_shard"])
 
     @override
     def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

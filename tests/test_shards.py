@@ -51,3 +51,13 @@ def test_label_columns_of_several_types_survive(tmp_path, checkpoints, games_fil
     for row in rows:
         game = games[row["example_id"]]
         assert (row["Site"], row["WhiteElo"], row["Scores"]) == (game["Site"], game["WhiteElo"], game["Scores"])
+
+
+def test_several_writer_threads_write_identical_shards(tmp_path, checkpoints, games_file):
+    settings = {"data.batch_size": 3, "writer.batches_per_shard": 2, "model.layers": "[0, 3]", "data.label_columns": "[Site]"}
+    run_export(checkpoints["gpt2"], games_file, tmp_path / "one", **settings)
+    run_export(checkpoints["gpt2"], games_file, tmp_path / "three", **settings, **{"writer.writer_threads": 3, "writer.max_pending_batches": 1})
+    one, three = sorted((tmp_path / "one").glob("*.parquet")), sorted((tmp_path / "three").glob("*.parquet"))
+    assert [p.name for p in one] == [p.name for p in three]
+    for a, b in zip(one, three):
+        assert pq.read_table(a).equals(pq.read_table(b))
