@@ -14,6 +14,7 @@ from typing import Literal
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 from typing_extensions import override
@@ -234,15 +235,17 @@ class ParquetShardWriter(BasePredictionWriter):
         writer, self._writer = self._writer, None
         finished = writer.close() if writer is not None else []
         elapsed = time.perf_counter() - self._started
-        trainer.strategy.barrier("actlightning-shards-done")
+        # Tokens of this run summed over ranks (also a barrier: every rank has finished its shards).
+        total = torch.tensor(float(self._tokens), device=trainer.strategy.root_device)
+        tokens = int(trainer.strategy.reduce(total, reduce_op="sum"))
         if trainer.is_global_zero:
-            self._write_manifest(complete=True)
-            manifest = read_manifest(self.output_dir)
-            totals = manifest["totals"]
+            run = {"seconds": round(elapsed, 3), "tokens": tokens, "tokens_per_second": round(tokens / max(elapsed, 1e-9), 1)}
+            self._write_manifest(complete=True, extra={"run": run})
+            totals = read_manifest(self.output_dir)["totals"]
             log.info(
-                "export complete in %s: %d shards, %d rows, %d tokens, %.1f MB (this run: %d shards, %.0f tokens/s on rank 0)",
+                "export complete in %s: %d shards, %d rows, %d tokens, %.1f MB; this run: %d shards, %.1f s, %.0f tokens/s",
                 self.output_dir, totals["shards"], totals["rows"], totals["tokens"], totals["bytes"] / 1e6,
-                len(finished), self._tokens / max(elapsed, 1e-9),
+                len(finished), elapsed, run["tokens_per_second"],
             )
 
     @override

@@ -1,0 +1,275 @@
+"""Benchmark: export time against the forward-only floor, memory, writer and reader throughput.
+
+Run by hand (not a test). It builds a GPT-2-small-shaped model (12 layers, 768 wide, random init,
+character vocabulary, like the chess models this tool was made for) and a length-skewed chess dataset,
+then measures, each phase in its own process so peak memory is its own:
+
+1. floor: the same model over the same batches with ``output_hidden_states``, nothing kept;
+2. export: the full export through the real CLI (``ActLightningCLI``), timed over the predict loop;
+3. their ratio, tokens/s, bytes written, peak RSS and padding efficiency;
+4. optionally: the same export on 4x the data (peak-memory scaling), the writer alone (encode + write
+   shards from in-memory arrays) with 1..N threads, and the reader.
+
+    python tests/benchmarks/bench_export.py --examples 96 --layers all
+    python tests/benchmarks/bench_export.py --layers 6 --examples 96
+    python tests/benchmarks/bench_export.py --device cuda --examples 4096 --batch-size 64 --writer-threads 8
+    python tests/benchmarks/bench_export.py --only writer --writer-threads 1,2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+
+def build_assets(workdir: Path, examples: int, seed: int = 0) -> tuple[Path, Path]:
+    """A GPT-2-small-shaped checkpoint and ``examples`` chess games with log-normal lengths."""
+    from actlightning.demo import _random_move, save_checkpoint
+
+    model_dir = workdir / "gpt2-small-chess"
+    if not (model_dir / "config.json").exists():
+        save_checkpoint(model_dir, "gpt2", num_layers=12, hidden_size=768, context=1024, seed=seed)
+    data = workdir / f"games-{examples}.jsonl"
+    if not data.exists():
+        import random
+
+        rng = random.Random(seed)
+        np_rng = np.random.default_rng(seed)
+        with open(data, "w") as handle:
+            for index in range(examples):
+                # about 5 characters (tokens) per move; median ~40 moves, long tail capped at the context
+                moves = int(np.clip(np_rng.lognormal(3.7, 0.6), 1, 200))
+                text = " ".join(_random_move(rng) for _ in range(moves))[:1023]
+                handle.write(json.dumps({"Transcript": text, "WhiteElo": rng.randint(800, 2800)}) + "\n")
+    return model_dir, data
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _data_module(model_dir: Path, data: Path, args) -> "object":
+    from actlightning.data import ActivationDataModule
+
+    dm = ActivationDataModule(
+        path="json", data_files=str(data), input_column="Transcript", batch_size=args.batch_size,
+        bucket_size=args.bucket_size, tokenizer=str(model_dir),
+    )
+    dm.setup("predict")
+    dm.configure_sharding(args.batches_per_shard)
+    return dm
+
+
+def phase_floor(args) -> dict:
+    """The same batches through the plain model with output_hidden_states; nothing kept."""
+    import torch
+    from transformers import AutoModel
+
+    from actlightning.batching import collate, rank_batches
+
+    model_dir, data = Path(args.model_dir), Path(args.data)
+    dm = _data_module(model_dir, data, args)
+    shards, ids = dm.plan()
+    planned = rank_batches(shards, ids, list(range(len(shards))))
+    batches = [collate(dm.store, b, dm.pad_id) for b in planned]
+    device = torch.device(args.device)
+    model = AutoModel.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
+    tokens = sum(int(b["lengths"].sum()) for b in batches)
+    with torch.inference_mode():
+        if device.type == "cuda":
+            model(input_ids=batches[0]["input_ids"].to(device), output_hidden_states=True)  # CUDA context, kernels
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for batch in batches:
+            model(
+                input_ids=batch["input_ids"].to(device, non_blocking=True),
+                attention_mask=batch["attention_mask"].to(device, non_blocking=True),
+                position_ids=batch["position_ids"].to(device, non_blocking=True),
+                output_hidden_states=True,
+            )
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+    return {"seconds": seconds, "tokens": tokens, "tokens_per_second": tokens / seconds, "peak_rss_mb": _peak_rss_mb()}
+
+
+def phase_export(args) -> dict:
+    """The full export through the real CLI."""
+    from actlightning.cli import ActLightningCLI
+
+    out = Path(args.out)
+    cli_args = [
+        "predict", "--model.checkpoint", args.model_dir, "--model.dtype", "float32",
+        "--model.output_dtype", args.output_dtype, "--data.path", "json", "--data.data_files", args.data,
+        "--data.input_column", "Transcript", "--data.batch_size", str(args.batch_size),
+        "--writer.output_dir", str(out), "--writer.overwrite", "true",
+        "--writer.batches_per_shard", str(args.batches_per_shard),
+        "--writer.writer_threads", str(args.writer_threads), "--writer.compression", args.compression,
+        "--trainer.accelerator", "gpu" if args.device == "cuda" else "cpu", "--trainer.devices", "1",
+        "--trainer.enable_progress_bar", "false",
+    ]
+    if args.bucket_size:
+        cli_args += ["--data.bucket_size", str(args.bucket_size)]
+    if args.layers != "all":
+        cli_args += ["--model.layers", f"[{args.layers}]"]
+    start = time.perf_counter()
+    ActLightningCLI(args=cli_args)
+    total = time.perf_counter() - start
+    manifest = json.loads((out / "manifest.json").read_text())
+    return {
+        "seconds": manifest["run"]["seconds"],
+        "total_seconds_with_startup": total,
+        "tokens": manifest["run"]["tokens"],
+        "tokens_per_second": manifest["run"]["tokens_per_second"],
+        "bytes": manifest["totals"]["bytes"],
+        "shards": manifest["totals"]["shards"],
+        "padding_efficiency": manifest["data"]["padding_efficiency"],
+        "peak_rss_mb": _peak_rss_mb(),
+    }
+
+
+def phase_writer(args) -> dict:
+    """Encode + write shards from in-memory arrays (no model), with each number of threads."""
+    import pyarrow as pa  # noqa: F401
+    import torch
+
+    from actlightning.schema import batch_to_table, build_features, build_schema
+    from actlightning.shards import ShardWriterPool, parquet_options
+
+    hidden, layers, rows, length = 768, 13 if args.layers == "all" else len(args.layers.split(",")), 16, 256
+    columns = [f"layer_{i}" for i in range(layers)]
+    schema = build_schema(build_features(hidden, columns, args.output_dtype), args.output_dtype)
+    torch_dtype = getattr(torch, args.output_dtype)
+    prediction = {
+        "example_id": torch.arange(rows),
+        "n_tokens": torch.full((rows,), length),
+        "start_position": torch.zeros(rows, dtype=torch.int32),
+        "input_ids": torch.zeros(rows * length, dtype=torch.int32),
+        "layers": {c: torch.randn(rows * length, hidden).to(torch_dtype) for c in columns},
+    }
+    batch_bytes = sum(t.numel() * t.element_size() for t in prediction["layers"].values())
+    results = {}
+    for threads in [int(t) for t in str(args.writer_threads).split(",")]:
+        with tempfile.TemporaryDirectory() as folder:
+            pool = ShardWriterPool(
+                threads, folder=Path(folder), rank=0, schema=schema,
+                options=parquet_options(schema, args.compression, columns),
+                encode=lambda item: (batch_to_table(item, schema), rows * length), max_pending=2,
+            )
+            shards, per_shard = 4 * threads, 4
+            start = time.perf_counter()
+            for shard in range(shards):
+                for i in range(per_shard):
+                    pool.submit(shard, prediction, i == per_shard - 1)
+            pool.close()
+            seconds = time.perf_counter() - start
+        results[f"threads_{threads}_mb_per_s"] = shards * per_shard * batch_bytes / seconds / 1e6
+    return results
+
+
+def phase_reader(args) -> dict:
+    """Read one layer's token vectors back from the export with the streaming reader."""
+    from actlightning.reader import iter_token_batches
+
+    start = time.perf_counter()
+    tokens = nbytes = 0
+    for batch in iter_token_batches(args.out, args.reader_layer, batch_size=4096):
+        tokens += batch.shape[0]
+        nbytes += batch.numel() * batch.element_size()
+    seconds = time.perf_counter() - start
+    return {"tokens_per_second": tokens / seconds, "mb_per_s": nbytes / seconds / 1e6, "tokens": tokens}
+
+
+PHASES = {"floor": phase_floor, "export": phase_export, "writer": phase_writer, "reader": phase_reader}
+
+
+def run_phase(name: str, args, **overrides) -> dict:
+    """Run one phase in a fresh process and return its JSON result."""
+    options = {**vars(args), **overrides}
+    command = [sys.executable, __file__, "--phase", name]
+    for key, value in options.items():
+        if key in ("phase", "only") or value is None:
+            continue
+        command += [f"--{key.replace('_', '-')}", str(value)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    if result.returncode != 0:
+        raise RuntimeError(f"phase {name} failed:\n{result.stderr[-4000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--examples", type=int, default=96)
+    parser.add_argument("--layers", default="all", help="'all' or comma-separated hidden_states indices, e.g. 6")
+    parser.add_argument("--output-dtype", default="float16", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--bucket-size", type=int, default=256)
+    parser.add_argument("--batches-per-shard", type=int, default=4)
+    parser.add_argument("--writer-threads", default="1", help="threads; a comma list for the writer phase")
+    parser.add_argument("--compression", default="none")
+    parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "actlightning-bench"))
+    parser.add_argument("--only", default="floor,export", help="phases: floor,export,scaling,writer,reader")
+    parser.add_argument("--reader-layer", default="layer_6")
+    parser.add_argument("--json", default=None, help="also write the results to this file")
+    parser.add_argument("--phase", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--data", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.phase:
+        print(json.dumps(PHASES[args.phase](args)))
+        return
+
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    model_dir, data = build_assets(workdir, args.examples)
+    out = workdir / "export"
+    common = {"model_dir": str(model_dir), "data": str(data), "out": str(out)}
+    phases = args.only.split(",")
+    report: dict = {"settings": {k: v for k, v in vars(args).items() if k not in ("phase", "model_dir", "data", "out")}}
+    if "floor" in phases:
+        report["floor"] = run_phase("floor", args, **common)
+    if "export" in phases:
+        report["export"] = run_phase("export", args, **common)
+    if "floor" in report and "export" in report:
+        report["export_over_floor"] = report["export"]["seconds"] / report["floor"]["seconds"]
+    if "scaling" in phases:
+        _, data4 = build_assets(workdir, 4 * args.examples)
+        report["export_4x_data"] = run_phase("export", args, **{**common, "data": str(data4), "out": str(workdir / "export4x")})
+        if "export" in report:
+            report["peak_rss_4x_over_1x"] = report["export_4x_data"]["peak_rss_mb"] / report["export"]["peak_rss_mb"]
+    if "writer" in phases:
+        report["writer"] = run_phase("writer", args, **common)
+    if "reader" in phases:
+        report["reader"] = run_phase("reader", args, **common)
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+if __name__ == "__main__":
+    main()
