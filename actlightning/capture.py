@@ -103,7 +103,9 @@ class HiddenStateCapture:
                 self._captured[self.num_layers] = outputs.last_hidden_state
         except _StopForward:
             pass
-        captured, self._captured = self._captured, {}
+        finally:
+            # Never keep device tensors past the call (an out-of-memory error must free them).
+            captured, self._captured = self._captured, {}
         missing = [i for i in self.layers if i not in captured]
         assert not missing, f"hooks did not capture hidden_states {missing}"
         return {i: captured[i] for i in self.layers}

@@ -1,19 +1,29 @@
-"""Reading exports back: per-sequence vectors in their stored dtype, without Python objects per value."""
+"""Reading exports back: vectors in their stored dtype, without Python objects per value.
+
+- ``open_export(path)``: the manifest, schema and counts of an export, and a ``datasets.Dataset`` view.
+- ``iter_token_batches`` / ``TokenVectors``: one column's token vectors in batches, reading only that
+  column, with an optional seeded shuffle buffer and DataLoader-worker sharding (for SAE training).
+"""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from torch.utils.data import IterableDataset, get_worker_info
 
-from actlightning.schema import DTYPE_METADATA_KEY
+from actlightning.manifest import MANIFEST, shard_files
+from actlightning.schema import DTYPE_METADATA_KEY, VECTOR_PREFIXES
 
 
 def stored_dtype(field: pa.Field) -> str:
-    """The storage dtype of a layer column (``float32``, ``float16`` or ``bfloat16``)."""
+    """The storage dtype of a vector column (``float32``, ``float16`` or ``bfloat16``)."""
     metadata = field.metadata or {}
     if DTYPE_METADATA_KEY in metadata:
         return metadata[DTYPE_METADATA_KEY].decode()
@@ -23,29 +33,45 @@ def stored_dtype(field: pa.Field) -> str:
     return str(value.to_pandas_dtype().__name__)
 
 
-def layer_vectors(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    """A layer column -> ``(vectors [total_tokens, hidden], row_offsets [rows + 1])``, zero-copy per chunk.
+def is_vector_column(name: str) -> bool:
+    return name.startswith(VECTOR_PREFIXES)
 
-    bfloat16 columns come back as their raw uint16 bits; ``to_torch`` reinterprets them.
+
+def _chunk_vectors(chunk: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """One chunk of a vector column -> ``(vectors [tokens, width], row_offsets [rows + 1])``."""
+    storage = chunk.storage if isinstance(chunk, pa.ExtensionArray) else chunk
+    if pa.types.is_fixed_size_list(storage.type):  # token layout: one vector per row
+        width = storage.type.list_size
+        values = storage.values.slice(storage.offset * width, len(storage) * width)
+        flat = values.to_numpy(zero_copy_only=False)
+        return flat.reshape(-1, width), np.arange(len(storage) + 1, dtype=np.int64)
+    outer = storage.offsets.to_numpy().astype(np.int64)
+    inner = storage.values
+    inner_offsets = inner.offsets.to_numpy()
+    if outer[-1] == outer[0]:
+        return np.zeros((0, 0), dtype=np.float32), outer - outer[0]
+    start, stop = int(inner_offsets[outer[0]]), int(inner_offsets[outer[-1]])
+    width = int(inner_offsets[outer[0] + 1] - inner_offsets[outer[0]])
+    flat = inner.values.to_numpy(zero_copy_only=False)[start:stop]
+    return flat.reshape(-1, width), outer - outer[0]
+
+
+def layer_vectors(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """A vector column -> ``(vectors [total_tokens, width], row_offsets [rows + 1])``.
+
+    Zero-copy for a single chunk. bfloat16 columns come back as their raw uint16 bits (see ``to_torch``).
     """
     chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
-    vectors, offsets, base = [], [np.zeros(1, dtype=np.int64)], 0
-    for chunk in chunks:
-        storage = chunk.storage if isinstance(chunk, pa.ExtensionArray) else chunk
-        storage = storage.flatten() if storage.offset else storage
-        outer = storage.offsets.to_numpy().astype(np.int64)
-        inner = storage.values
-        inner_offsets = inner.offsets.to_numpy()
-        values = inner.values
-        hidden = int(inner_offsets[1] - inner_offsets[0]) if len(inner) else 0
-        start, stop = int(inner_offsets[outer[0]]), int(inner_offsets[outer[-1]])
-        flat = values.to_numpy(zero_copy_only=False)[start:stop]
-        vectors.append(flat.reshape(-1, hidden) if hidden else flat.reshape(0, 0))
-        offsets.append(outer[1:] - outer[0] + base)
-        base += int(outer[-1] - outer[0])
-    if len(vectors) == 1:
-        return vectors[0], np.concatenate(offsets)
-    return np.concatenate(vectors), np.concatenate(offsets)
+    parts = [_chunk_vectors(chunk) for chunk in chunks if len(chunk)]
+    if not parts:
+        return np.zeros((0, 0), dtype=np.float32), np.zeros(1, dtype=np.int64)
+    if len(parts) == 1:
+        return parts[0]
+    offsets, base = [np.zeros(1, dtype=np.int64)], 0
+    for _, chunk_offsets in parts:
+        offsets.append(chunk_offsets[1:] + base)
+        base += int(chunk_offsets[-1])
+    return np.concatenate([v for v, _ in parts if v.size]), np.concatenate(offsets)
 
 
 def to_torch(vectors: np.ndarray, dtype: str) -> torch.Tensor:
@@ -57,13 +83,191 @@ def to_torch(vectors: np.ndarray, dtype: str) -> torch.Tensor:
 
 
 def read_shard_layers(path: Path | str, columns: list[str] | None = None) -> dict[str, list[torch.Tensor]]:
-    """Each layer column of a shard as a list (one per row) of ``[tokens, hidden]`` tensors."""
+    """Each vector column of a shard as a list (one per row) of ``[tokens, width]`` tensors."""
     table = pq.read_table(path, columns=columns)
     result = {}
     for field in table.schema:
-        if not field.name.startswith("layer_"):
+        if not is_vector_column(field.name):
             continue
         vectors, offsets = layer_vectors(table.column(field.name))
         tensor = to_torch(vectors, stored_dtype(field))
         result[field.name] = [tensor[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1)]
     return result
+
+
+@dataclass
+class Export:
+    """An export directory: its manifest, schema and shard files."""
+
+    path: Path
+    manifest: dict
+    schema: pa.Schema
+    files: list[Path]
+
+    @property
+    def rows(self) -> int:
+        return self.manifest["totals"]["rows"]
+
+    @property
+    def tokens(self) -> int:
+        return self.manifest["totals"]["tokens"]
+
+    @property
+    def layout(self) -> str:
+        return self.manifest["settings"].get("layout", "sequence")
+
+    @property
+    def vector_columns(self) -> list[str]:
+        return [name for name in self.schema.names if is_vector_column(name)]
+
+    @property
+    def dtypes(self) -> dict[str, str]:
+        return {name: stored_dtype(self.schema.field(name)) for name in self.vector_columns}
+
+    def dataset(self, cache_dir: str | None = None):
+        """A ``datasets.Dataset`` of the export, memory-mapped; vector columns come as torch tensors
+        in their stored dtype (``datasets``' own torch format would cast them to float32)."""
+        from datasets import load_dataset
+
+        dataset = load_dataset(
+            "parquet", data_files=[str(f) for f in self.files], split="train", cache_dir=cache_dir
+        )
+        return dataset.with_format("actlightning", dtypes=self.dtypes)
+
+    def token_batches(self, column: str, batch_size: int, **kwargs) -> Iterator[torch.Tensor]:
+        return iter_token_batches(self.path, column, batch_size, **kwargs)
+
+
+def open_export(path: str | Path) -> Export:
+    """Open an export directory (local path) through its manifest."""
+    folder = Path(path)
+    manifest_path = folder / MANIFEST
+    if not manifest_path.exists():
+        raise FileNotFoundError(f"{folder} holds no {MANIFEST}: not an actlightning export")
+    files = shard_files(folder)
+    if not files:
+        raise FileNotFoundError(f"{folder} holds no complete shard yet")
+    return Export(folder, json.loads(manifest_path.read_text()), pq.read_schema(files[0]), files)
+
+
+def _register_formatter() -> None:
+    """A ``datasets`` format that decodes vector columns to torch in their stored dtype."""
+    from datasets.formatting import Formatter, register_formatter
+
+    class ActivationFormatter(Formatter):
+        def __init__(self, dtypes: dict[str, str] | None = None, **kwargs) -> None:
+            super().__init__(**kwargs)
+            self.dtypes = dtypes or {}
+
+        def _decode(self, table: pa.Table, row: bool) -> dict:
+            out = {}
+            for name in table.column_names:
+                column = table.column(name)
+                if is_vector_column(name):
+                    vectors, offsets = layer_vectors(column)
+                    tensor = to_torch(vectors, self.dtypes.get(name, stored_dtype(table.schema.field(name))))
+                    if pa.types.is_fixed_size_list(_storage_type(column.type)):
+                        out[name] = tensor[0] if row else tensor
+                    else:
+                        rows = [tensor[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1)]
+                        out[name] = rows[0] if row else rows
+                else:
+                    values = column.to_pylist()
+                    out[name] = values[0] if row else values
+            return out
+
+        def format_row(self, pa_table: pa.Table) -> dict:
+            return self._decode(pa_table, row=True)
+
+        def format_column(self, pa_table: pa.Table):
+            return self._decode(pa_table, row=False)[pa_table.column_names[0]]
+
+        def format_batch(self, pa_table: pa.Table) -> dict:
+            return self._decode(pa_table, row=False)
+
+    register_formatter(ActivationFormatter, "actlightning")
+
+
+def _storage_type(arrow_type: pa.DataType) -> pa.DataType:
+    return arrow_type.storage_type if isinstance(arrow_type, pa.ExtensionType) else arrow_type
+
+
+_register_formatter()
+
+
+def _row_group_units(files: list[Path]) -> list[tuple[Path, int]]:
+    return [(f, g) for f in files for g in range(pq.ParquetFile(f).metadata.num_row_groups)]
+
+
+def iter_token_batches(
+    path: str | Path,
+    column: str,
+    batch_size: int,
+    shuffle_buffer: int | None = None,
+    seed: int = 0,
+    worker: int = 0,
+    num_workers: int = 1,
+    drop_last: bool = False,
+) -> Iterator[torch.Tensor]:
+    """Token vectors of one column, ``[batch_size, width]`` at a time, reading only that column.
+
+    Row groups are split round-robin between ``num_workers`` readers, so workers together read every
+    row exactly once. ``shuffle_buffer`` (tokens) mixes vectors across row groups with a seeded
+    generator: deterministic for a given seed, worker and export.
+    """
+    files = shard_files(Path(path))
+    units = _row_group_units(files)[worker::num_workers]
+    rng = np.random.default_rng([seed, worker]) if shuffle_buffer else None
+    dtype = None
+    pending: list[np.ndarray] = []
+    pending_count = 0
+
+    def emit(final: bool) -> Iterator[torch.Tensor]:
+        nonlocal pending, pending_count
+        if not pending:
+            return
+        buffer = np.concatenate(pending) if len(pending) > 1 else pending[0]
+        if rng is not None:
+            buffer = buffer[rng.permutation(len(buffer))]
+        stop = len(buffer) if final else len(buffer) - len(buffer) % batch_size
+        for start in range(0, stop, batch_size):
+            chunk = buffer[start : start + batch_size]
+            if len(chunk) < batch_size and drop_last:
+                break
+            yield to_torch(chunk, dtype)
+        pending = [buffer[stop:]] if stop < len(buffer) else []
+        pending_count = len(buffer) - stop
+
+    threshold = max(shuffle_buffer or 0, batch_size)
+    for file, group in units:
+        parquet = pq.ParquetFile(file)
+        if dtype is None:
+            dtype = stored_dtype(parquet.schema_arrow.field(column))
+        table = parquet.read_row_group(group, columns=[column])
+        vectors, _ = layer_vectors(table.column(column))
+        if not len(vectors):
+            continue
+        pending.append(vectors)
+        pending_count += len(vectors)
+        if pending_count >= threshold:
+            yield from emit(final=False)
+    yield from emit(final=True)
+
+
+class TokenVectors(IterableDataset):
+    """A torch ``IterableDataset`` of one column's token vectors, in batches.
+
+    Use with ``DataLoader(TokenVectors(...), batch_size=None, num_workers=N)``: each worker reads its
+    own row groups, so the workers together yield every token exactly once.
+    """
+
+    def __init__(self, path: str | Path, column: str, batch_size: int, shuffle_buffer: int | None = None, seed: int = 0) -> None:
+        self.path, self.column, self.batch_size = Path(path), column, batch_size
+        self.shuffle_buffer, self.seed = shuffle_buffer, seed
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        return iter_token_batches(
+            self.path, self.column, self.batch_size, self.shuffle_buffer, self.seed, worker, num_workers
+        )

@@ -20,8 +20,12 @@ from datasets.features.features import Array2DExtensionType
 EXAMPLE_ID = "example_id"
 INPUT_IDS = "input_ids"
 START_POSITION = "start_position"
+POSITION = "position"
+TOKEN_ID = "token_id"
 LAYER_PREFIX = "layer_"
-BASE_COLUMNS = (EXAMPLE_ID, INPUT_IDS, START_POSITION)
+HOOK_PREFIX = "hook_"
+VECTOR_PREFIXES = (LAYER_PREFIX, HOOK_PREFIX)
+BASE_COLUMNS = (EXAMPLE_ID, INPUT_IDS, START_POSITION, POSITION, TOKEN_ID)
 
 StorageDtype = Literal["float32", "float16", "bfloat16"]
 TORCH_DTYPES: dict[str, torch.dtype] = {
@@ -42,7 +46,7 @@ def layer_column(index: int) -> str:
 
 def is_reserved_column(name: str) -> bool:
     """Whether ``name`` collides with a column this tool writes."""
-    return name in BASE_COLUMNS or name.startswith(LAYER_PREFIX)
+    return name in BASE_COLUMNS or name.startswith(VECTOR_PREFIXES)
 
 
 def build_features(
