@@ -152,7 +152,10 @@ def open_export(path: str | Path) -> Export:
 
 def _register_formatter() -> None:
     """A ``datasets`` format that decodes vector columns to torch in their stored dtype."""
-    from datasets.formatting import Formatter, register_formatter
+    from datasets.formatting import Formatter
+
+    # datasets registers its own formats through this (private) function; there is no public one.
+    from datasets.formatting import _register_formatter as register_formatter
 
     class ActivationFormatter(Formatter):
         def __init__(self, dtypes: dict[str, str] | None = None, **kwargs) -> None:
