@@ -8,12 +8,15 @@ most models (GPT-2, Llama, ...) has the final norm applied. Hooks give the same 
 
 from __future__ import annotations
 
-from actlightning.errors import ConfigError
-
+import difflib
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from actlightning.errors import ActivationError, ConfigError
+from actlightning.schema import HOOK_PREFIX, layer_column
 
 
 class _StopForward(Exception):
@@ -37,7 +40,7 @@ def resolve_layers(layers: Sequence[int] | None, num_layers: int) -> list[int]:
     if layers is None:
         return list(range(count))
     if len(layers) == 0:
-        raise ConfigError("model.layers is empty; leave it unset to export all layers")
+        return []
     resolved = []
     for index in layers:
         if not -count <= index < count:
@@ -56,59 +59,140 @@ def _first_tensor(output: object) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
-class HiddenStateCapture:
-    """Runs ``model`` and returns ``{hidden_states index: [batch, seq, hidden]}`` for ``layers``.
+INPUT_SUFFIX = ":input"
 
-    ``tie_last``: whether ``hidden_states[L]`` is the model's ``last_hidden_state`` (after the final
-    norm) rather than the raw output of the last block; HF ties them unless the config says otherwise.
+
+@dataclass(frozen=True)
+class HookPoint:
+    """A named submodule whose output (or, with ``:input``, input) is exported.
+
+    ``path`` is relative to the base model (``h.5.mlp`` for GPT-2, ``layers.3.self_attn.o_proj`` for
+    Llama); ``block`` is the decoder block it lies in, or None when outside the blocks.
     """
 
-    def __init__(self, model: nn.Module, blocks: nn.ModuleList, layers: list[int], tie_last: bool = True) -> None:
+    spec: str
+    path: str
+    is_input: bool
+    block: int | None
+
+    @property
+    def column(self) -> str:
+        return hook_column(self.path, self.is_input)
+
+
+def hook_column(path: str, is_input: bool = False) -> str:
+    """Column name of a hook point: ``hook_`` + the base-model path with dots as underscores."""
+    return f"{HOOK_PREFIX}{path.replace('.', '_')}{'_input' if is_input else ''}"
+
+
+def resolve_hook_points(
+    specs: Sequence[str], module_names: Sequence[str], base_prefix: str, blocks_path: str
+) -> list[HookPoint]:
+    """Validate ``model.hook_points`` against the model's submodule names (base-model relative).
+
+    A path may also be written from the LM-head model (``transformer.h.5.mlp``): the base model's
+    prefix is then dropped. Unknown paths fail listing close matches.
+    """
+    names = set(module_names) - {""}
+    points, columns = [], set()
+    for spec in specs:
+        path, is_input = (spec[: -len(INPUT_SUFFIX)], True) if spec.endswith(INPUT_SUFFIX) else (spec, False)
+        if path not in names and base_prefix and path.startswith(base_prefix + "."):
+            path = path[len(base_prefix) + 1 :]
+        if path not in names:
+            close = difflib.get_close_matches(path, sorted(names), n=5, cutoff=0.6)
+            raise ConfigError(
+                f"model.hook_points: no submodule {spec!r} in this model; close matches: {close or 'none'} "
+                f"(paths are relative to the base model, e.g. {blocks_path}.0.mlp; add {INPUT_SUFFIX} for a module's input)"
+            )
+        block = None
+        prefix = blocks_path + "."
+        if path.startswith(prefix):
+            block = int(path[len(prefix) :].split(".")[0])
+        point = HookPoint(spec, path, is_input, block)
+        if point.column in columns:
+            raise ConfigError(f"model.hook_points names {spec!r} more than once")
+        columns.add(point.column)
+        points.append(point)
+    return points
+
+
+class HiddenStateCapture:
+    """Runs ``model`` and returns ``{column: [batch, seq, width]}`` for ``layers`` and ``hook_points``.
+
+    Layers are HF ``hidden_states`` indices (columns ``layer_{i}``). ``tie_last``: whether
+    ``hidden_states[L]`` is the model's ``last_hidden_state`` (after the final norm) rather than the raw
+    output of the last block; HF ties them unless the config says otherwise. The forward stops after
+    the deepest block anything is captured from; a hook point outside the blocks (``ln_f``) needs it all.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        blocks: nn.ModuleList,
+        layers: list[int],
+        tie_last: bool = True,
+        hook_points: Sequence[HookPoint] = (),
+    ) -> None:
         self.model = model
         self.layers = layers
         self.num_layers = len(blocks)
-        self._captured: dict[int, torch.Tensor] = {}
-        deepest = max(layers)
-        # Whether the whole model must run: only for hidden_states[L] when it is last_hidden_state.
-        self.needs_full_forward = deepest == self.num_layers and tie_last
+        self.columns = [layer_column(i) for i in layers] + [p.column for p in hook_points]
+        self._captured: dict[str, torch.Tensor] = {}
         wanted = set(layers)
+        full_for_layers = bool(layers) and max(layers) == self.num_layers and tie_last
+        self.needs_full_forward = full_for_layers or any(p.block is None for p in hook_points)
+        deepest_block = max([i - 1 for i in layers if i > 0] + [p.block for p in hook_points if p.block is not None], default=0)
         self._handles = []
+        modules = dict(model.named_modules())
+        for point in hook_points:
+            module = modules[point.path]
+            if point.is_input:
+                self._handles.append(module.register_forward_pre_hook(self._make_pre_hook(point.column), with_kwargs=True))
+            else:
+                self._handles.append(module.register_forward_hook(self._make_hook(point.column)))
         if 0 in wanted:
-            self._handles.append(blocks[0].register_forward_pre_hook(self._pre_hook_first, with_kwargs=True))
-        stop_after = deepest - 1 if not self.needs_full_forward else None
+            self._handles.append(blocks[0].register_forward_pre_hook(self._make_pre_hook(layer_column(0)), with_kwargs=True))
         for block_index, block in enumerate(blocks):
             index = block_index + 1
-            keep = index in wanted and not (index == self.num_layers and self.needs_full_forward)
-            stop = block_index == stop_after
-            if keep or stop:
-                self._handles.append(block.register_forward_hook(self._make_hook(index, keep, stop)))
+            if index in wanted and not (index == self.num_layers and full_for_layers):
+                self._handles.append(block.register_forward_hook(self._make_hook(layer_column(index))))
+        if not self.needs_full_forward:
+            # Registered last, so every capture hook of that block has run when it stops the forward.
+            self._handles.append(blocks[deepest_block].register_forward_hook(self._stop))
+        self._tie_last = full_for_layers
 
-    def _pre_hook_first(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        self._captured[0] = args[0] if args else kwargs["hidden_states"]
-
-    def _make_hook(self, index: int, keep: bool, stop: bool):
-        def hook(module: nn.Module, args: tuple, output: object) -> None:
-            if keep:
-                self._captured[index] = _first_tensor(output)
-            if stop:
-                raise _StopForward
+    def _make_pre_hook(self, column: str):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            self._captured[column] = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
 
         return hook
 
-    def __call__(self, **inputs: torch.Tensor) -> dict[int, torch.Tensor]:
+    def _make_hook(self, column: str):
+        def hook(module: nn.Module, args: tuple, output: object) -> None:
+            self._captured[column] = _first_tensor(output)
+
+        return hook
+
+    @staticmethod
+    def _stop(module: nn.Module, args: tuple, output: object) -> None:
+        raise _StopForward
+
+    def __call__(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
         self._captured = {}
         try:
             outputs = self.model(**inputs, use_cache=False)
-            if self.needs_full_forward:
-                self._captured[self.num_layers] = outputs.last_hidden_state
+            if self._tie_last:
+                self._captured[layer_column(self.num_layers)] = outputs.last_hidden_state
         except _StopForward:
             pass
         finally:
             # Never keep device tensors past the call (an out-of-memory error must free them).
             captured, self._captured = self._captured, {}
-        missing = [i for i in self.layers if i not in captured]
-        assert not missing, f"hooks did not capture hidden_states {missing}"
-        return {i: captured[i] for i in self.layers}
+        missing = [c for c in self.columns if c not in captured]
+        if missing:
+            raise ActivationError(f"the forward pass did not reach {missing}; is the module used by this model's forward?")
+        return {c: captured[c] for c in self.columns}
 
     def remove(self) -> None:
         for handle in self._handles:

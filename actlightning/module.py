@@ -12,8 +12,8 @@ import torch
 from lightning.pytorch import LightningModule
 from transformers import AutoConfig, AutoModel, PretrainedConfig
 
+from actlightning.capture import HiddenStateCapture, HookPoint, find_blocks, resolve_hook_points, resolve_layers
 from actlightning.errors import ActivationError
-from actlightning.capture import HiddenStateCapture, find_blocks, resolve_layers
 from actlightning.schema import TORCH_DTYPES, StorageDtype, layer_column
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,11 @@ class ActivationModule(LightningModule):
         dtype: Compute dtype. ``auto`` takes the checkpoint's own dtype. float32 gives activations equal
             to a float32 reference; bfloat16/float16 are faster on GPUs.
         layers: Indices into HF ``hidden_states``: 0 is the embedding output, L (= number of layers) the
-            last hidden state (after the final norm), negatives count from the end. Unset: all L + 1.
+            last hidden state (after the final norm), negatives count from the end. Unset: all L + 1;
+            ``[]``: none (export only ``hook_points``).
+        hook_points: Submodules whose output is exported (``h.5.mlp``, ``model.layers.3.self_attn.o_proj``,
+            a whole block ``h.11``); ``:input`` exports a module's input instead. Tuple outputs take their
+            first element. Column ``hook_<path with _ for .>[_input]``.
         n_pos: Keep only the last ``n_pos`` tokens of each sequence. Unset: all tokens.
         output_dtype: Storage dtype of the exported vectors. Unset: the compute dtype. bfloat16 is stored
             as raw uint16 bit patterns (see the README).
@@ -87,6 +91,7 @@ class ActivationModule(LightningModule):
         revision: str | None = None,
         dtype: ComputeDtype = "float32",
         layers: list[int] | None = None,
+        hook_points: list[str] | None = None,
         n_pos: int | None = None,
         output_dtype: StorageDtype | None = None,
         attn_implementation: str | None = None,
@@ -99,6 +104,8 @@ class ActivationModule(LightningModule):
         self.revision = revision
         self.dtype_name = dtype
         self.requested_layers = layers
+        self.hook_point_specs = list(hook_points or [])
+        self._hook_points: list[HookPoint] | None = None
         self.n_pos = n_pos
         self.output_dtype_name = output_dtype
         self.attn_implementation = attn_implementation
@@ -118,7 +125,8 @@ class ActivationModule(LightningModule):
 
     def check_settings(self) -> None:
         """Validate the settings against the checkpoint's config, before any weights load."""
-        self.layers  # noqa: B018 - resolving the indices validates them
+        if not self.layer_columns:
+            raise ConfigError("model.layers is empty and model.hook_points unset: there is nothing to export")
         context = context_size(self.config)
         if self.n_pos is not None and context is not None and self.n_pos > context:
             raise ConfigError(
@@ -145,8 +153,25 @@ class ActivationModule(LightningModule):
         return resolve_layers(self.requested_layers, self.num_layers)
 
     @property
+    def hook_points(self) -> list[HookPoint]:
+        """``hook_points`` checked against the model's submodules (built on the meta device: no weights)."""
+        if self._hook_points is None:
+            if not self.hook_point_specs:
+                self._hook_points = []
+            else:
+                with torch.device("meta"):
+                    skeleton = AutoModel.from_config(self.config, trust_remote_code=self.trust_remote_code)
+                blocks_path, _ = find_blocks(skeleton, self.num_layers)
+                names = [name for name, _ in skeleton.named_modules()]
+                self._hook_points = resolve_hook_points(
+                    self.hook_point_specs, names, getattr(skeleton, "base_model_prefix", ""), blocks_path
+                )
+        return self._hook_points
+
+    @property
     def layer_columns(self) -> list[str]:
-        return [layer_column(i) for i in self.layers]
+        """Every exported vector column: ``layer_{i}`` then ``hook_...``, in capture order."""
+        return [layer_column(i) for i in self.layers] + [p.column for p in self.hook_points]
 
     @property
     def storage_dtype(self) -> StorageDtype:
@@ -168,6 +193,7 @@ class ActivationModule(LightningModule):
             "revision": self.revision,
             "dtype": self.dtype_name,
             "layers": self.layers,
+            "hook_points": [p.spec for p in self.hook_points],
             "n_pos": self.n_pos,
             "output_dtype": self.storage_dtype,
             "hidden_size": self.hidden_size,
@@ -201,7 +227,9 @@ class ActivationModule(LightningModule):
         self.model = model
         _, blocks = find_blocks(model, self.num_layers)
         tie_last = getattr(model.config, "tie_last_hidden_states", None)
-        self.capture = HiddenStateCapture(model, blocks, self.layers, tie_last=True if tie_last is None else tie_last)
+        self.capture = HiddenStateCapture(
+            model, blocks, self.layers, tie_last=True if tie_last is None else tie_last, hook_points=self.hook_points
+        )
         self._output_dtype = TORCH_DTYPES[self.storage_dtype]
         log.info(
             "loaded %s (%d layers, hidden size %d); exporting hidden_states %s as %s",
@@ -216,11 +244,16 @@ class ActivationModule(LightningModule):
         batch_size, seq_len = input_ids.shape
         flat, n_tokens, start_position = select_tokens(batch["lengths"], batch["first_token"], seq_len, self.n_pos)
         layers, nonfinite = {}, []
-        for index, states in hidden.items():
+        for column, states in hidden.items():
+            if states.dim() != 3 or tuple(states.shape[:2]) != (batch_size, seq_len):
+                raise ActivationError(
+                    f"{column} has shape {tuple(states.shape)}, not [batch, sequence, width] = [{batch_size}, {seq_len}, ...]; "
+                    "choose a hook point whose output holds one vector per token"
+                )
             vectors = states.reshape(batch_size * seq_len, -1).index_select(0, flat)
             stored = vectors.to(self._output_dtype)  # cast on the device: less to copy
             nonfinite.append(torch.stack([(~torch.isfinite(vectors)).sum(), (~torch.isfinite(stored)).sum()]))
-            layers[layer_column(index)] = _to_host(stored)
+            layers[column] = _to_host(stored)
         prediction = {
             "example_id": _to_host(batch["example_id"]),
             "n_tokens": _to_host(n_tokens),
@@ -229,7 +262,7 @@ class ActivationModule(LightningModule):
             "layers": layers,
             # Checked by the writer before anything of the batch is written (see check_finite).
             "nonfinite": _to_host(torch.stack(nonfinite)),
-            "layer_indices": list(hidden),
+            "columns": list(hidden),
             "ready": None,
         }
         if input_ids.device.type == "cuda":
@@ -262,7 +295,7 @@ class ActivationModule(LightningModule):
             **{key: torch.cat([p[key] for p in parts]) for key in ("example_id", "n_tokens", "start_position", "input_ids")},
             "layers": {name: torch.cat([p["layers"][name] for p in parts]) for name in parts[0]["layers"]},
             "nonfinite": parts[0]["nonfinite"] + parts[1]["nonfinite"],
-            "layer_indices": parts[0]["layer_indices"],
+            "columns": parts[0]["columns"],
             "ready": None,
         }
 
@@ -302,15 +335,16 @@ def check_finite(prediction: dict, storage_dtype: str) -> None:
     ``prediction["nonfinite"]`` holds, per exported layer, the counts in the model's output and after
     the cast to the storage dtype (float16 overflows beyond +-65504).
     """
-    for index, (in_model, in_storage) in zip(prediction["layer_indices"], prediction["nonfinite"].tolist()):
+    for column, (in_model, in_storage) in zip(prediction["columns"], prediction["nonfinite"].tolist()):
         if in_model:
+            where = f"hidden_states[{column[len('layer_'):]}] ({column})" if column.startswith("layer_") else column
             raise ActivationError(
-                f"the model produced {in_model} NaN/inf values in hidden_states[{index}] (layer_{index}); "
+                f"the model produced {in_model} NaN/inf values in {where}; "
                 "nothing of this batch was written. Try model.dtype float32 (half-precision compute can overflow)"
             )
         if in_storage:
             raise ActivationError(
-                f"model.output_dtype {storage_dtype} cannot hold layer_{index}: {in_storage} values "
+                f"model.output_dtype {storage_dtype} cannot hold {column}: {in_storage} values "
                 "overflow to inf (beyond +-65504 for float16); use output_dtype float32 or bfloat16"
             )
 

@@ -15,7 +15,6 @@ import numpy as np
 import pyarrow as pa
 import torch
 from datasets import Array2D, Features, List, Value
-from datasets.features.features import Array2DExtensionType
 
 EXAMPLE_ID = "example_id"
 INPUT_IDS = "input_ids"
@@ -28,6 +27,7 @@ VECTOR_PREFIXES = (LAYER_PREFIX, HOOK_PREFIX)
 BASE_COLUMNS = (EXAMPLE_ID, INPUT_IDS, START_POSITION, POSITION, TOKEN_ID)
 
 StorageDtype = Literal["float32", "float16", "bfloat16"]
+Layout = Literal["sequence", "token"]
 TORCH_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "float16": torch.float16,
@@ -50,21 +50,27 @@ def is_reserved_column(name: str) -> bool:
 
 
 def build_features(
-    hidden_size: int,
-    layer_columns: list[str],
+    widths: Mapping[str, int],
     storage_dtype: StorageDtype,
     label_features: Mapping[str, object] | None = None,
+    layout: Layout = "sequence",
 ) -> Features:
-    """HF features of an export: base columns, label columns verbatim, then one Array2D per layer."""
+    """HF features of an export: base columns, label columns verbatim, then one vector column each.
+
+    ``widths``: vector column -> vector length. Sequence layout: one row per sequence, vectors as
+    ``Array2D(shape=(None, width))``. Token layout: one row per token, vectors as fixed-length lists.
+    """
     value_type = ARROW_VALUE_TYPES[storage_dtype]
-    features = {
-        EXAMPLE_ID: Value("int64"),
-        INPUT_IDS: List(Value("int32")),
-        START_POSITION: Value("int32"),
-    }
+    if layout == "sequence":
+        features = {EXAMPLE_ID: Value("int64"), INPUT_IDS: List(Value("int32")), START_POSITION: Value("int32")}
+    else:
+        features = {EXAMPLE_ID: Value("int64"), POSITION: Value("int32"), TOKEN_ID: Value("int32")}
     features.update(label_features or {})
-    for name in layer_columns:
-        features[name] = Array2D(shape=(None, hidden_size), dtype=value_type)
+    for name, width in widths.items():
+        if layout == "sequence":
+            features[name] = Array2D(shape=(None, width), dtype=value_type)
+        else:
+            features[name] = List(Value(value_type), length=width)
     return Features(features)
 
 
@@ -73,7 +79,7 @@ def build_schema(features: Features, storage_dtype: StorageDtype) -> pa.Schema:
     schema = features.arrow_schema
     fields = []
     for field in schema:
-        if isinstance(field.type, Array2DExtensionType):
+        if field.name.startswith(VECTOR_PREFIXES):
             field = field.with_metadata({DTYPE_METADATA_KEY: storage_dtype.encode()})
         fields.append(field)
     return pa.schema(fields, metadata=schema.metadata)
@@ -113,31 +119,49 @@ def batch_to_table(
     prediction: Mapping[str, object],
     schema: pa.Schema,
     labels: pa.Table | None = None,
+    layout: Layout = "sequence",
 ) -> pa.Table:
     """One predicted batch -> an Arrow table with ``schema``.
 
     ``prediction`` holds CPU tensors: ``example_id`` [B], ``n_tokens`` [B], ``start_position`` [B],
-    ``input_ids`` [T] (packed) and ``layers``: {column: [T, hidden]} (packed, storage dtype).
-    ``labels`` holds the label columns for the same B rows, in order.
+    ``input_ids`` [T] (packed) and ``layers``: {column: [T, width]} (packed, storage dtype).
+    ``labels`` holds the label columns for the same B rows, in order (repeated per token in the
+    token layout).
     """
     lengths = tensor_to_numpy(prediction["n_tokens"]).astype(np.int32, copy=False)
-    columns: dict[str, pa.Array] = {
-        EXAMPLE_ID: _primitive(tensor_to_numpy(prediction["example_id"]).astype(np.int64, copy=False), pa.int64()),
-        INPUT_IDS: pa.ListArray.from_arrays(
-            _offsets(lengths),
-            _primitive(tensor_to_numpy(prediction["input_ids"]).astype(np.int32, copy=False), pa.int32()),
-        ),
-        START_POSITION: _primitive(
-            tensor_to_numpy(prediction["start_position"]).astype(np.int32, copy=False), pa.int32()
-        ),
-    }
+    example_ids = tensor_to_numpy(prediction["example_id"]).astype(np.int64, copy=False)
+    starts = tensor_to_numpy(prediction["start_position"]).astype(np.int32, copy=False)
+    token_ids = tensor_to_numpy(prediction["input_ids"]).astype(np.int32, copy=False)
+    if layout == "sequence":
+        columns: dict[str, pa.Array] = {
+            EXAMPLE_ID: _primitive(example_ids, pa.int64()),
+            INPUT_IDS: pa.ListArray.from_arrays(_offsets(lengths), _primitive(token_ids, pa.int32())),
+            START_POSITION: _primitive(starts, pa.int32()),
+        }
+    else:
+        rows = np.repeat(np.arange(len(lengths)), lengths)
+        row_starts = np.cumsum(lengths) - lengths
+        positions = (starts[rows] + np.arange(len(rows)) - row_starts[rows]).astype(np.int32)
+        columns = {
+            EXAMPLE_ID: _primitive(example_ids[rows], pa.int64()),
+            POSITION: _primitive(positions, pa.int32()),
+            TOKEN_ID: _primitive(token_ids, pa.int32()),
+        }
+        if labels is not None and labels.num_columns:
+            labels = labels.take(pa.array(rows, type=pa.int64()))
     if labels is not None:
         for name in labels.column_names:
             columns[name] = labels.column(name)
     for name, tensor in prediction["layers"].items():
-        ext_type = schema.field(name).type
-        storage = layer_array(tensor_to_numpy(tensor), lengths, ext_type.storage_type)
-        columns[name] = pa.ExtensionArray.from_storage(ext_type, storage)
+        arrow_type = schema.field(name).type
+        vectors = tensor_to_numpy(tensor)
+        if layout == "sequence":
+            storage = layer_array(vectors, lengths, arrow_type.storage_type)
+            columns[name] = pa.ExtensionArray.from_storage(arrow_type, storage)
+        else:
+            columns[name] = pa.FixedSizeListArray.from_arrays(
+                _primitive(vectors.reshape(-1), arrow_type.value_type), type=arrow_type
+            )
     return pa.Table.from_arrays([columns[field.name] for field in schema], schema=schema)
 
 

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -134,6 +135,8 @@ class BackgroundShardWriter:
         max_pending: int = 4,
         on_shard_done: Callable[[ShardInfo], None] | None = None,
         name: str = "actlightning-writer",
+        shuffle_buffer: int | None = None,
+        shuffle_seed: int = 0,
     ) -> None:
         self.folder = folder
         self.rank = rank
@@ -145,6 +148,10 @@ class BackgroundShardWriter:
         self._queue: queue.Queue = queue.Queue(maxsize=max(max_pending, 1))
         self._error: BaseException | None = None
         self._current: ShardFile | None = None
+        self.shuffle_buffer = shuffle_buffer
+        self.shuffle_seed = shuffle_seed
+        self._buffer: list[tuple[pa.Table, int]] = []
+        self._flushes = 0
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -163,6 +170,7 @@ class BackgroundShardWriter:
                 self._write(*entry)
             except BaseException as error:  # noqa: BLE001 - re-raised on the main thread
                 self._error = error
+                self._buffer = []
                 if self._current is not None:
                     self._current.abort()
                     self._current = None
@@ -173,9 +181,15 @@ class BackgroundShardWriter:
         table, tokens = self.encode(item)
         if self._current is None:
             self._current = ShardFile(self.folder, shard_index, self.rank, self.schema, self.options)
+            self._flushes = 0
         path = self._current.tmp_path
         try:
-            self._current.write(table, tokens)
+            if self.shuffle_buffer:
+                self._buffer.append((table, tokens))
+                if len(self._buffer) >= self.shuffle_buffer or last_in_shard:
+                    self._write_shuffled()
+            else:
+                self._current.write(table, tokens)
             if last_in_shard:
                 info = self._current.close()
                 self._current = None
@@ -184,6 +198,18 @@ class BackgroundShardWriter:
                     self.on_shard_done(info)
         except OSError as error:
             raise ShardWriteError(f"writing shard {path} failed: {error}") from error
+
+    def _write_shuffled(self) -> None:
+        """Write the buffered batches as one table with its rows permuted.
+
+        The generator is seeded by (seed, shard, flush), so a shard's order never depends on threads.
+        """
+        table = pa.concat_tables([t for t, _ in self._buffer])
+        tokens = sum(n for _, n in self._buffer)
+        self._buffer = []
+        rng = np.random.default_rng([self.shuffle_seed, self._current.shard_index, self._flushes])
+        self._flushes += 1
+        self._current.write(table.take(pa.array(rng.permutation(table.num_rows))), tokens)
 
     def raise_if_failed(self) -> None:
         if self._error is not None:

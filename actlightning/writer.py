@@ -29,7 +29,7 @@ from actlightning.manifest import (
     shard_files,
     write_json_atomic,
 )
-from actlightning.schema import EXAMPLE_ID, batch_to_table, build_features, build_schema
+from actlightning.schema import EXAMPLE_ID, Layout, batch_to_table, build_features, build_schema
 from actlightning.module import check_finite
 from actlightning.shards import Compression, ShardInfo, ShardWriterPool, is_tmp_file, parquet_options
 
@@ -53,6 +53,13 @@ class ParquetShardWriter(BasePredictionWriter):
             it; bounds host memory (at most ``writer_threads x max_pending_batches`` batches in flight).
         writer_threads: Threads encoding and writing shards in parallel (each shard is written whole
             by one thread). Raise it when writing, not the forward pass, is the bottleneck (fast GPUs).
+        layout: ``sequence``: one row per sequence, vectors as ``[tokens, width]`` arrays (probing).
+            ``token``: one row per token with ``example_id``, ``position``, ``token_id``, the labels and
+            one fixed-length vector per column (SAE training).
+        shuffle_buffer: Token layout only: shuffle token rows across this many batches (within a
+            shard) before writing, so shards are ready for SAE training. Costs about this many batches
+            of host memory, twice, while a buffer is permuted. Unset: rows in plan order.
+        shuffle_seed: Seed of that shuffle (with the shard index: deterministic whatever the threads).
     """
 
     def __init__(
@@ -64,6 +71,9 @@ class ParquetShardWriter(BasePredictionWriter):
         compression: Compression = "none",
         max_pending_batches: int = 4,
         writer_threads: int = 1,
+        layout: Layout = "sequence",
+        shuffle_buffer: int | None = None,
+        shuffle_seed: int = 0,
     ) -> None:
         super().__init__(write_interval="batch")
         if batches_per_shard <= 0:
@@ -74,6 +84,10 @@ class ParquetShardWriter(BasePredictionWriter):
             raise ConfigError(f"writer.max_pending_batches must be a positive integer, got {max_pending_batches}")
         if writer_threads <= 0:
             raise ConfigError(f"writer.writer_threads must be a positive integer, got {writer_threads}")
+        if shuffle_buffer is not None and shuffle_buffer <= 0:
+            raise ConfigError(f"writer.shuffle_buffer must be a positive number of batches or unset, got {shuffle_buffer}")
+        if shuffle_buffer is not None and layout != "token":
+            raise ConfigError("writer.shuffle_buffer shuffles token rows: it needs writer.layout: token")
         self.output_dir = Path(output_dir)
         self.batches_per_shard = batches_per_shard
         self.max_shards = max_shards
@@ -81,6 +95,9 @@ class ParquetShardWriter(BasePredictionWriter):
         self.compression = compression
         self.max_pending_batches = max_pending_batches
         self.writer_threads = writer_threads
+        self.layout = layout
+        self.shuffle_buffer = shuffle_buffer
+        self.shuffle_seed = shuffle_seed
         # Set by the CLI: the resolved config, saved as config.yaml next to the shards.
         self.config_yaml: str | None = None
         self._writer: BackgroundShardWriter | None = None
@@ -93,6 +110,9 @@ class ParquetShardWriter(BasePredictionWriter):
             "model": pl_module.export_settings(),
             "data": datamodule.export_settings(),
             "max_shards": self.max_shards,
+            "layout": self.layout,
+            "shuffle_buffer": self.shuffle_buffer,
+            "shuffle_seed": self.shuffle_seed if self.shuffle_buffer else None,
         }
 
     def inspect_output_dir(self, settings: dict) -> ExportState:
@@ -172,12 +192,10 @@ class ParquetShardWriter(BasePredictionWriter):
         datamodule.configure_sharding(
             self.batches_per_shard, self.max_shards, done_ids, {i.shard_index for i in existing}
         )
-        features = build_features(
-            pl_module.hidden_size, pl_module.layer_columns, pl_module.storage_dtype, datamodule.label_features
-        )
         self.storage_dtype = pl_module.storage_dtype
-        self.schema = build_schema(features, pl_module.storage_dtype)
-        self.options = parquet_options(self.schema, self.compression, pl_module.layer_columns)
+        self.vector_columns = pl_module.layer_columns
+        # Built from the first batch: a hook point's vector width is only known from its output.
+        self.schema: pa.Schema | None = None
         if trainer.is_global_zero:
             if self.config_yaml is not None:
                 (self.output_dir / CONFIG).write_text(self.config_yaml)
@@ -201,6 +219,13 @@ class ParquetShardWriter(BasePredictionWriter):
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._started = time.perf_counter()
         self._tokens = 0
+        self._writer = None
+
+    def _start_writers(self, trainer: Trainer, prediction: dict) -> None:
+        widths = {column: prediction["layers"][column].shape[1] for column in self.vector_columns}
+        features = build_features(widths, self.storage_dtype, trainer.datamodule.label_features, self.layout)
+        self.schema = build_schema(features, self.storage_dtype)
+        self.options = parquet_options(self.schema, self.compression, self.vector_columns)
         self._writer = ShardWriterPool(
             self.writer_threads,
             folder=self.output_dir,
@@ -210,6 +235,8 @@ class ParquetShardWriter(BasePredictionWriter):
             encode=self._encode,
             max_pending=self.max_pending_batches,
             on_shard_done=self._on_shard_done,
+            shuffle_buffer=self.shuffle_buffer,
+            shuffle_seed=self.shuffle_seed,
         )
 
     def _encode(self, item: tuple[dict, pa.Table | None]) -> tuple[pa.Table, int]:
@@ -218,12 +245,14 @@ class ParquetShardWriter(BasePredictionWriter):
         if prediction["ready"] is not None:
             prediction["ready"].synchronize()
         check_finite(prediction, self.storage_dtype)
-        return batch_to_table(prediction, self.schema, labels), int(prediction["n_tokens"].sum())
+        return batch_to_table(prediction, self.schema, labels, self.layout), int(prediction["n_tokens"].sum())
 
     @override
     def write_on_batch_end(
         self, trainer, pl_module, prediction, batch_indices, batch, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
+        if self._writer is None:
+            self._start_writers(trainer, prediction)
         labels = None
         if trainer.datamodule.label_columns:
             labels = trainer.datamodule.label_rows(batch["host_example_id"])

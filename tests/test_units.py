@@ -28,7 +28,11 @@ def test_resolve_layers_normalizes_negatives_and_sorts():
     assert resolve_layers([-1, 0, 2], 3) == [0, 2, 3]
 
 
-@pytest.mark.parametrize(("layers", "message"), [([4], "out of range"), ([-5], "out of range"), ([1, -3], "more than once"), ([], "empty")])
+def test_resolve_layers_empty_means_no_layers():
+    assert resolve_layers([], 3) == []
+
+
+@pytest.mark.parametrize(("layers", "message"), [([4], "out of range"), ([-5], "out of range"), ([1, -3], "more than once")])
 def test_resolve_layers_rejects_bad_indices(layers, message):
     with pytest.raises(ValueError, match=message):
         resolve_layers(layers, 3)
@@ -109,7 +113,7 @@ def test_batch_to_table_round_trips_vectors_bit_exactly(dtype):
         "input_ids": torch.arange(7, dtype=torch.int32),
         "layers": {"layer_1": vectors},
     }
-    features = build_features(4, ["layer_1"], dtype)
+    features = build_features({"layer_1": 4}, dtype)
     schema = build_schema(features, dtype)
     table = batch_to_table(prediction, schema, pa.table({}))
     assert table.column("input_ids").to_pylist() == [[0, 1, 2, 3, 4], [5, 6]]
