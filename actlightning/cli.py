@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 from pathlib import Path
 
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 from actlightning.data import ActivationDataModule
 from actlightning.errors import ActivationError, ConfigError
-from actlightning.module import ActivationModule
+from actlightning.module import ActivationModule, context_size
+from actlightning.progress import TokenProgressBar
 from actlightning.writer import ParquetShardWriter
 
 log = logging.getLogger("actlightning")
+
+# The data module's batches carry their own bookkeeping; Lightning's batch-index tracking is not needed.
+warnings.filterwarnings("ignore", message="Couldn't infer the batch indices")
 
 TRAINER_DEFAULTS = {
     # An export trains nothing: no loggers, no checkpoints.
@@ -69,6 +74,15 @@ class ActLightningCLI(LightningCLI):
             run=run,
         )
 
+    def instantiate_trainer(self, **kwargs):
+        # A progress bar counted in tokens, unless the progress bar is switched off.
+        trainer_config = self._get(self.config_init, "trainer", default={})
+        if trainer_config.get("enable_progress_bar", True) is not False:
+            callbacks = list(trainer_config.get("callbacks") or [])
+            if not any(isinstance(c, TokenProgressBar) for c in callbacks):
+                kwargs["callbacks"] = [*callbacks, TokenProgressBar()]
+        return super().instantiate_trainer(**kwargs)
+
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
         # return_predictions is not offered: Lightning would keep every batch in memory.
@@ -90,6 +104,11 @@ class ActLightningCLI(LightningCLI):
         # Checked before any data loads or weights: a finished export is not recomputed.
         if writer.inspect_output_dir(settings) == "complete":
             log.info("the export in %s is already complete; nothing to do", writer.output_dir)
+            return
+        datamodule.model_context = context_size(model.config)
+        writer.plan_export(model, datamodule)
+        if writer.dry_run:
+            log.info("writer.dry_run: stopping before the export; nothing was written")
             return
         parser = self._parser(self.subcommand)
         writer.config_yaml = parser.dump(self.config.get(str(self.subcommand), self.config), skip_none=False)

@@ -201,6 +201,8 @@ class ActivationDataModule(LightningDataModule):
         self.skip_example_ids: np.ndarray | None = None
         self.taken_shard_indices: set[int] = set()
         self.pad_id = 0
+        # The model's context size, when known before a Trainer is attached (set by the CLI).
+        self.model_context: int | None = None
 
     def load(self) -> Dataset:
         """The split to export, as a ``datasets.Dataset``; a wrong path, name or split is a ConfigError."""
@@ -344,6 +346,8 @@ class ActivationDataModule(LightningDataModule):
             )
 
     def _model_context(self) -> int | None:
+        if self.model_context is not None:
+            return self.model_context
         trainer = self.trainer
         module = trainer.lightning_module if trainer is not None else None
         config = getattr(module, "config", None)

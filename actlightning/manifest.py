@@ -19,6 +19,7 @@ from actlightning.shards import SHARD_PATTERN, ShardInfo
 MANIFEST = "manifest.json"
 CONFIG = "config.yaml"
 CARD = "README.md"
+REPORT = "report.png"
 FORMAT_VERSION = 1
 
 

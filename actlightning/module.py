@@ -168,6 +168,25 @@ class ActivationModule(LightningModule):
                 )
         return self._hook_points
 
+    def estimated_widths(self) -> dict[str, int]:
+        """Vector length of each exported column, before any forward pass.
+
+        Layers are ``hidden_size`` wide; a hook point on a linear layer is as wide as its output (or
+        input), any other hook point is taken as ``hidden_size`` (exact widths come from the first batch).
+        """
+        widths = {layer_column(i): self.hidden_size for i in self.layers}
+        if self.hook_points:
+            with torch.device("meta"):
+                skeleton = AutoModel.from_config(self.config, trust_remote_code=self.trust_remote_code)
+            modules = dict(skeleton.named_modules())
+            for point in self.hook_points:
+                module = modules[point.path]
+                if isinstance(module, torch.nn.Linear):
+                    widths[point.column] = module.in_features if point.is_input else module.out_features
+                else:
+                    widths[point.column] = self.hidden_size
+        return widths
+
     @property
     def layer_columns(self) -> list[str]:
         """Every exported vector column: ``layer_{i}`` then ``hook_...``, in capture order."""

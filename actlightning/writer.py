@@ -6,6 +6,7 @@ from actlightning.errors import ConfigError
 
 import logging
 import os
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -19,9 +20,11 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 from typing_extensions import override
 
+from actlightning.card import render_card
 from actlightning.manifest import (
     CARD,
     CONFIG,
+    REPORT,
     MANIFEST,
     build_manifest,
     read_manifest,
@@ -36,6 +39,17 @@ from actlightning.shards import Compression, ShardInfo, ShardWriterPool, is_tmp_
 log = logging.getLogger(__name__)
 
 ExportState = Literal["new", "resume", "complete", "overwrite"]
+
+
+def summary_text(manifest: dict, shards_this_run: int) -> str:
+    """The end-of-run summary: the same numbers as ``manifest.json``."""
+    totals, run, data = manifest["totals"], manifest.get("run", {}), manifest.get("data", {})
+    return (
+        f"export complete: {totals['rows']:,} examples, {totals['tokens']:,} tokens, {totals['shards']} shards, "
+        f"{totals['bytes'] / 1e6:,.1f} MB; this run: {shards_this_run} shards in {run.get('seconds', 0):.1f} s, "
+        f"{run.get('tokens_per_second', 0):,.0f} tokens/s; padding efficiency {data.get('padding_efficiency')}; "
+        f"rows removed by each step: {data.get('removed', {})}"
+    )
 
 
 class ParquetShardWriter(BasePredictionWriter):
@@ -60,6 +74,9 @@ class ParquetShardWriter(BasePredictionWriter):
             shard) before writing, so shards are ready for SAE training. Costs about this many batches
             of host memory, twice, while a buffer is permuted. Unset: rows in plan order.
         shuffle_seed: Seed of that shuffle (with the shard index: deterministic whatever the threads).
+        dry_run: Print the plan (examples, tokens, bytes per token, estimated size and shards, free
+            space) after loading and filtering the data, then stop: no forward pass, nothing written.
+        ignore_free_space: Export even when the estimated size exceeds the free space of output_dir.
     """
 
     def __init__(
@@ -74,6 +91,8 @@ class ParquetShardWriter(BasePredictionWriter):
         layout: Layout = "sequence",
         shuffle_buffer: int | None = None,
         shuffle_seed: int = 0,
+        dry_run: bool = False,
+        ignore_free_space: bool = False,
     ) -> None:
         super().__init__(write_interval="batch")
         if batches_per_shard <= 0:
@@ -98,6 +117,11 @@ class ParquetShardWriter(BasePredictionWriter):
         self.layout = layout
         self.shuffle_buffer = shuffle_buffer
         self.shuffle_seed = shuffle_seed
+        self.dry_run = dry_run
+        self.ignore_free_space = ignore_free_space
+        self.tokens_submitted = 0
+        self.bytes_done = 0
+        self.shards_done = 0
         # Set by the CLI: the resolved config, saved as config.yaml next to the shards.
         self.config_yaml: str | None = None
         self._writer: BackgroundShardWriter | None = None
@@ -114,6 +138,50 @@ class ParquetShardWriter(BasePredictionWriter):
             "shuffle_buffer": self.shuffle_buffer,
             "shuffle_seed": self.shuffle_seed if self.shuffle_buffer else None,
         }
+
+    def plan_export(self, pl_module: LightningModule, datamodule) -> dict:
+        """What the export will cost, from the loaded and filtered data (no forward pass).
+
+        Raises ``ConfigError`` when the estimate exceeds the free space (unless ``ignore_free_space``).
+        """
+        datamodule.setup("predict")
+        datamodule.configure_sharding(self.batches_per_shard, self.max_shards)
+        shards, _ = datamodule.plan()
+        store = datamodule.store
+        lengths = np.concatenate([store.lengths[b] for shard in shards for b in shard]) if shards else np.zeros(0, dtype=np.int64)
+        exported = np.minimum(lengths, pl_module.n_pos) if pl_module.n_pos else lengths
+        widths = pl_module.estimated_widths()
+        value_bytes = 4 if pl_module.storage_dtype == "float32" else 2
+        # Per token: the vectors, its token id, and in the token layout example_id + position.
+        per_token = sum(widths.values()) * value_bytes + 4 + (12 if self.layout == "token" else 0)
+        estimate = int(exported.sum()) * per_token
+        existing = read_manifest(self.output_dir) if (self.output_dir / MANIFEST).exists() else None
+        already = existing["totals"]["bytes"] if existing and not self.overwrite else 0
+        probe = next(p for p in [self.output_dir, *self.output_dir.parents] if p.exists())
+        free = shutil.disk_usage(probe).free
+        plan = {
+            "examples": int(len(lengths)),
+            "tokens": int(exported.sum()),
+            "columns": widths,
+            "bytes_per_token": per_token,
+            "estimated_bytes": estimate,
+            "estimated_shards": len(shards),
+            "already_written_bytes": already,
+            "free_bytes": free,
+        }
+        log.info(
+            "plan: %d examples, %d tokens to export, %d vector columns (%s), %d bytes per token as %s -> about %.2f GB "
+            "in %d shards; %.2f GB already written; %.2f GB free at %s",
+            plan["examples"], plan["tokens"], len(widths), ", ".join(widths), per_token, pl_module.storage_dtype,
+            estimate / 1e9, len(shards), already / 1e9, free / 1e9, probe,
+        )
+        if estimate - already > free and not self.ignore_free_space:
+            raise ConfigError(
+                f"the export needs about {(estimate - already) / 1e9:.2f} GB but {probe} has {free / 1e9:.2f} GB free; "
+                "free space, export less (model.layers, model.n_pos, data.limit, writer.max_shards), "
+                "or set writer.ignore_free_space: true"
+            )
+        return plan
 
     def inspect_output_dir(self, settings: dict) -> ExportState:
         """What ``output_dir`` holds, read-only: ``new``, ``resume``, ``complete`` or ``overwrite``.
@@ -152,7 +220,7 @@ class ParquetShardWriter(BasePredictionWriter):
         return "complete" if manifest.get("complete") else "resume"
 
     def _own_files(self, entries: list[str]) -> list[str]:
-        own = [n for n in entries if n in (MANIFEST, CONFIG, CARD) or is_tmp_file(n) or n.startswith(".manifest.json")]
+        own = [n for n in entries if n in (MANIFEST, CONFIG, CARD, REPORT) or is_tmp_file(n) or n.startswith(".manifest.json")]
         return own + [p.name for p in shard_files(self.output_dir)]
 
     def _clean_output_dir(self, state: ExportState) -> None:
@@ -213,12 +281,14 @@ class ParquetShardWriter(BasePredictionWriter):
 
     def _on_shard_done(self, info: ShardInfo) -> None:
         self._known[info.file] = info
+        self.shards_done += 1
+        self.bytes_done += info.bytes
         self._write_manifest(complete=False)
 
     @override
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._started = time.perf_counter()
-        self._tokens = 0
+        self.tokens_submitted = self.bytes_done = self.shards_done = 0
         self._writer = None
 
     def _start_writers(self, trainer: Trainer, prediction: dict) -> None:
@@ -256,7 +326,7 @@ class ParquetShardWriter(BasePredictionWriter):
         labels = None
         if trainer.datamodule.label_columns:
             labels = trainer.datamodule.label_rows(batch["host_example_id"])
-        self._tokens += batch["host_tokens"]
+        self.tokens_submitted += batch["host_tokens"]
         self._writer.submit(prediction["shard_index"], (prediction, labels), prediction["last_in_shard"])
 
     @override
@@ -265,17 +335,20 @@ class ParquetShardWriter(BasePredictionWriter):
         finished = writer.close() if writer is not None else []
         elapsed = time.perf_counter() - self._started
         # Tokens of this run summed over ranks (also a barrier: every rank has finished its shards).
-        total = torch.tensor(float(self._tokens), device=trainer.strategy.root_device)
+        total = torch.tensor(float(self.tokens_submitted), device=trainer.strategy.root_device)
         tokens = int(trainer.strategy.reduce(total, reduce_op="sum"))
         if trainer.is_global_zero:
             run = {"seconds": round(elapsed, 3), "tokens": tokens, "tokens_per_second": round(tokens / max(elapsed, 1e-9), 1)}
             self._write_manifest(complete=True, extra={"run": run})
-            totals = read_manifest(self.output_dir)["totals"]
-            log.info(
-                "export complete in %s: %d shards, %d rows, %d tokens, %.1f MB; this run: %d shards, %.1f s, %.0f tokens/s",
-                self.output_dir, totals["shards"], totals["rows"], totals["tokens"], totals["bytes"] / 1e6,
-                len(finished), elapsed, run["tokens_per_second"],
-            )
+            manifest = read_manifest(self.output_dir)
+            self._write_card(manifest)
+            log.info(summary_text(manifest, len(finished)))
+
+    def _write_card(self, manifest: dict) -> None:
+        files = shard_files(self.output_dir)
+        if files:
+            schema = pq.read_schema(files[0])
+            (self.output_dir / CARD).write_text(render_card(manifest, schema, self.output_dir))
 
     @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:

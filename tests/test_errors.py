@@ -139,8 +139,8 @@ def test_nan_activations_are_reported_never_written(tmp_path, checkpoints, games
 
     def with_nan(self, **inputs):
         hidden = original(self, **inputs)
-        hidden[2] = hidden[2].clone()
-        hidden[2][0, 0, 0] = float("nan")
+        hidden["layer_2"] = hidden["layer_2"].clone()
+        hidden["layer_2"][0, 0, 0] = float("nan")
         return hidden
 
     monkeypatch.setattr(HiddenStateCapture, "__call__", with_nan)

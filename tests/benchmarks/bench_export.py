@@ -14,6 +14,10 @@ then measures, each phase in its own process so peak memory is its own:
     python tests/benchmarks/bench_export.py --layers 6 --examples 96
     python tests/benchmarks/bench_export.py --device cuda --examples 4096 --batch-size 64 --writer-threads 8
     python tests/benchmarks/bench_export.py --only writer --writer-threads 1,2
+    python tests/benchmarks/bench_export.py --hidden-size 256 --examples 128 --only export,scaling
+
+The scaling run needs enough batches (here 8 vs 32) to fill the writer pipeline in both runs; with
+only a couple of batches the 1x run never holds ``max_pending_batches`` in flight.
 """
 
 from __future__ import annotations
@@ -34,13 +38,13 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 
-def build_assets(workdir: Path, examples: int, seed: int = 0) -> tuple[Path, Path]:
-    """A GPT-2-small-shaped checkpoint and ``examples`` chess games with log-normal lengths."""
+def build_assets(workdir: Path, examples: int, hidden_size: int = 768, seed: int = 0) -> tuple[Path, Path]:
+    """A GPT-2-small-shaped checkpoint (12 layers) and ``examples`` chess games with log-normal lengths."""
     from actlightning.demo import _random_move, save_checkpoint
 
-    model_dir = workdir / "gpt2-small-chess"
+    model_dir = workdir / f"gpt2-12x{hidden_size}-chess"
     if not (model_dir / "config.json").exists():
-        save_checkpoint(model_dir, "gpt2", num_layers=12, hidden_size=768, context=1024, seed=seed)
+        save_checkpoint(model_dir, "gpt2", num_layers=12, hidden_size=hidden_size, context=1024, seed=seed)
     data = workdir / f"games-{examples}.jsonl"
     if not data.exists():
         import random
@@ -213,6 +217,7 @@ def run_phase(name: str, args, **overrides) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--examples", type=int, default=96)
+    parser.add_argument("--hidden-size", type=int, default=768, help="model width (768: GPT-2 small)")
     parser.add_argument("--layers", default="all", help="'all' or comma-separated hidden_states indices, e.g. 6")
     parser.add_argument("--output-dtype", default="float16", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--batch-size", type=int, default=16)
@@ -236,7 +241,7 @@ def main() -> None:
 
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    model_dir, data = build_assets(workdir, args.examples)
+    model_dir, data = build_assets(workdir, args.examples, args.hidden_size)
     out = workdir / "export"
     common = {"model_dir": str(model_dir), "data": str(data), "out": str(out)}
     phases = args.only.split(",")

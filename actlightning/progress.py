@@ -1,0 +1,42 @@
+"""A progress bar counted in tokens, with throughput, bytes written and shards done.
+
+Sorted batches vary a lot in cost, so an ETA from batch counts misleads; tokens do not.
+"""
+
+from __future__ import annotations
+
+from lightning.pytorch.callbacks import TQDMProgressBar
+from typing_extensions import override
+
+
+class TokenProgressBar(TQDMProgressBar):
+    """Lightning's TQDM bar for ``predict``, whose total and position are this rank's tokens."""
+
+    def _writer(self, trainer):
+        from actlightning.writer import ParquetShardWriter
+
+        return next((c for c in trainer.callbacks if isinstance(c, ParquetShardWriter)), None)
+
+    @override
+    def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        first = self._current_eval_dataloader_idx != dataloader_idx
+        super().on_predict_batch_start(trainer, pl_module, batch, batch_idx, dataloader_idx)
+        if first:
+            bar = self.predict_progress_bar
+            bar.reset(total=int(trainer.datamodule.stats.get("planned_tokens_this_rank", 0)) or None)
+            bar.unit, bar.unit_scale = "tok", True
+            bar.set_description("Exporting")
+            self._tokens = 0
+
+    @override
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        writer = self._writer(trainer)
+        if writer is None or self.is_disabled:
+            return
+        bar = self.predict_progress_bar
+        # Counted from the batch: the writer (a later callback) has not seen this batch yet.
+        self._tokens += batch["host_tokens"]
+        bar.n = self._tokens
+        # Shards are finished by the writer threads, so these trail the token count a little.
+        bar.set_postfix({"written": f"{writer.bytes_done / 1e6:,.1f} MB", "shards": writer.shards_done}, refresh=False)
+        bar.refresh()
