@@ -7,8 +7,6 @@ ranks take whole shards, so every example is exported exactly once whatever the 
 
 from __future__ import annotations
 
-from actlightning.errors import ConfigError
-
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import chain
@@ -16,6 +14,8 @@ from typing import Literal
 
 import numpy as np
 import torch
+
+from actlightning.errors import ConfigError
 
 PaddingSide = Literal["right", "left"]
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from actlightning.errors import ConfigError
-
 import logging
 from collections.abc import Callable
 from functools import partial
@@ -31,6 +29,7 @@ from actlightning.batching import (
     plan_batches,
     rank_batches,
 )
+from actlightning.errors import ConfigError
 from actlightning.filters import dedupe, drop_prefixes, length_range, shuffle_and_limit
 from actlightning.schema import is_reserved_column
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from actlightning.errors import ConfigError
-
 import logging
 from pathlib import Path
 from typing import Literal
@@ -13,7 +11,7 @@ from lightning.pytorch import LightningModule
 from transformers import AutoConfig, AutoModel, PretrainedConfig
 
 from actlightning.capture import HiddenStateCapture, HookPoint, find_blocks, resolve_hook_points, resolve_layers
-from actlightning.errors import ActivationError
+from actlightning.errors import ActivationError, ConfigError
 from actlightning.schema import TORCH_DTYPES, StorageDtype, layer_column
 
 log = logging.getLogger(__name__)

@@ -7,8 +7,8 @@ import os
 import queue
 import re
 import threading
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from actlightning.errors import ConfigError
-
 import logging
 import os
 import shutil
@@ -21,19 +19,20 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from typing_extensions import override
 
 from actlightning.card import render_card
+from actlightning.errors import ConfigError
 from actlightning.manifest import (
     CARD,
     CONFIG,
-    REPORT,
     MANIFEST,
+    REPORT,
     build_manifest,
     read_manifest,
     settings_differences,
     shard_files,
     write_json_atomic,
 )
-from actlightning.schema import EXAMPLE_ID, Layout, batch_to_table, build_features, build_schema
 from actlightning.module import check_finite
+from actlightning.schema import EXAMPLE_ID, Layout, batch_to_table, build_features, build_schema
 from actlightning.shards import Compression, ShardInfo, ShardWriterPool, is_tmp_file, parquet_options
 
 log = logging.getLogger(__name__)
@@ -124,7 +123,7 @@ class ParquetShardWriter(BasePredictionWriter):
         self.shards_done = 0
         # Set by the CLI: the resolved config, saved as config.yaml next to the shards.
         self.config_yaml: str | None = None
-        self._writer: BackgroundShardWriter | None = None
+        self._writer: ShardWriterPool | None = None
         self._known: dict[str, ShardInfo] = {}
 
     def export_settings(self, trainer: Trainer, pl_module: LightningModule, datamodule=None) -> dict:

@@ -30,7 +30,6 @@ from actlightning.cli import ActLightningCLI  # noqa: E402
 from actlightning.demo import chess_games, save_checkpoint  # noqa: E402
 from tests.helpers import Reference, read_rows  # noqa: E402
 
-
 # A dry run of the script's logic works on a machine without CUDA, too.
 ACCELERATOR = "gpu" if torch.cuda.is_available() else "cpu"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
