@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Literal
 
@@ -17,6 +18,7 @@ from actlightning.schema import TORCH_DTYPES, StorageDtype, layer_column
 log = logging.getLogger(__name__)
 
 ComputeDtype = Literal["auto", "float32", "bfloat16", "float16"]
+FLOAT16_MAX = 65504.0
 
 
 def load_pretrained(loader, setting: str, name: str, **kwargs):
@@ -260,7 +262,7 @@ class ActivationModule(LightningModule):
         )
         batch_size, seq_len = input_ids.shape
         flat, n_tokens, start_position = select_tokens(batch["lengths"], batch["first_token"], seq_len, self.n_pos)
-        layers, nonfinite = {}, []
+        layers, max_abs = {}, []
         for column, states in hidden.items():
             if states.dim() != 3 or tuple(states.shape[:2]) != (batch_size, seq_len):
                 raise ActivationError(
@@ -269,7 +271,8 @@ class ActivationModule(LightningModule):
                 )
             vectors = states.reshape(batch_size * seq_len, -1).index_select(0, flat)
             stored = vectors.to(self._output_dtype)  # cast on the device: less to copy
-            nonfinite.append(torch.stack([(~torch.isfinite(vectors)).sum(), (~torch.isfinite(stored)).sum()]))
+            # One pass: the largest magnitude is NaN/inf if any value is, and shows float16 overflow.
+            max_abs.append(torch.linalg.vector_norm(vectors, ord=float("inf"), dtype=torch.float32))
             layers[column] = _to_host(stored)
         prediction = {
             "example_id": _to_host(batch["example_id"]),
@@ -278,7 +281,7 @@ class ActivationModule(LightningModule):
             "input_ids": _to_host(input_ids.reshape(-1).index_select(0, flat).to(torch.int32)),
             "layers": layers,
             # Checked by the writer before anything of the batch is written (see check_finite).
-            "nonfinite": _to_host(torch.stack(nonfinite)),
+            "max_abs": _to_host(torch.stack(max_abs)),
             "columns": list(hidden),
             "ready": None,
         }
@@ -311,7 +314,7 @@ class ActivationModule(LightningModule):
         return {
             **{key: torch.cat([p[key] for p in parts]) for key in ("example_id", "n_tokens", "start_position", "input_ids")},
             "layers": {name: torch.cat([p["layers"][name] for p in parts]) for name in parts[0]["layers"]},
-            "nonfinite": parts[0]["nonfinite"] + parts[1]["nonfinite"],
+            "max_abs": torch.maximum(parts[0]["max_abs"], parts[1]["max_abs"]),
             "columns": parts[0]["columns"],
             "ready": None,
         }
@@ -349,21 +352,26 @@ def _to_host(tensor: torch.Tensor) -> torch.Tensor:
 def check_finite(prediction: dict, storage_dtype: str) -> None:
     """Raise ``ActivationError`` if the model's activations, or their stored form, hold NaN or inf.
 
-    ``prediction["nonfinite"]`` holds, per exported layer, the counts in the model's output and after
-    the cast to the storage dtype (float16 overflows beyond +-65504).
+    ``prediction["max_abs"]`` holds each column's largest magnitude in the model's output: not finite
+    when the model produced NaN/inf, above float16's range when storing as float16 overflows. The
+    stored values are only counted on those (rare) paths.
     """
-    for column, (in_model, in_storage) in zip(prediction["columns"], prediction["nonfinite"].tolist()):
-        if in_model:
+    for column, largest in zip(prediction["columns"], prediction["max_abs"].tolist()):
+        stored = prediction["layers"][column]
+        if not math.isfinite(largest):
+            count = int((~torch.isfinite(stored)).sum())
             where = f"hidden_states[{column[len('layer_'):]}] ({column})" if column.startswith("layer_") else column
             raise ActivationError(
-                f"the model produced {in_model} NaN/inf values in {where}; "
+                f"the model produced {count} NaN/inf values in {where}; "
                 "nothing of this batch was written. Try model.dtype float32 (half-precision compute can overflow)"
             )
-        if in_storage:
-            raise ActivationError(
-                f"model.output_dtype {storage_dtype} cannot hold {column}: {in_storage} values "
-                "overflow to inf (beyond +-65504 for float16); use output_dtype float32 or bfloat16"
-            )
+        if stored.dtype == torch.float16 and largest > FLOAT16_MAX:
+            count = int(torch.isinf(stored).sum())
+            if count:
+                raise ActivationError(
+                    f"model.output_dtype {storage_dtype} cannot hold {column}: {count} values "
+                    "overflow to inf (beyond +-65504 for float16); use output_dtype float32 or bfloat16"
+                )
 
 
 def _rows(batch: dict, rows: slice) -> dict:
