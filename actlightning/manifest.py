@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict
 from pathlib import Path
 
-from actlightning.shards import SHARD_PATTERN, ShardInfo
+from actlightning.shards import SHARD_PATTERN, TMP_SUFFIX, ShardInfo
 
 MANIFEST = "manifest.json"
 CONFIG = "config.yaml"
@@ -59,7 +59,7 @@ def read_manifest(folder: Path) -> dict | None:
 
 def write_json_atomic(path: Path, payload: Mapping) -> None:
     """Write ``payload`` to a temporary file and rename it over ``path``: readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}{TMP_SUFFIX}")
     tmp.write_text(json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n")
     os.replace(tmp, path)
 

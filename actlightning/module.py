@@ -106,6 +106,7 @@ class ActivationModule(LightningModule):
         self.requested_layers = layers
         self.hook_point_specs = list(hook_points or [])
         self._hook_points: list[HookPoint] | None = None
+        self._meta: dict[str, torch.nn.Module] = {}
         self.n_pos = n_pos
         self.output_dtype_name = output_dtype
         self.attn_implementation = attn_implementation
@@ -152,6 +153,14 @@ class ActivationModule(LightningModule):
         """The exported hidden_states indices, non-negative and sorted."""
         return resolve_layers(self.requested_layers, self.num_layers)
 
+    def _skeleton(self) -> torch.nn.Module:
+        """The architecture on the meta device (module names and shapes, no weights), built once."""
+        # Kept in a dict so that it is not registered as a submodule (Lightning would move it to the device).
+        if "model" not in self._meta:
+            with torch.device("meta"):
+                self._meta["model"] = AutoModel.from_config(self.config, trust_remote_code=self.trust_remote_code)
+        return self._meta["model"]
+
     @property
     def hook_points(self) -> list[HookPoint]:
         """``hook_points`` checked against the model's submodules (built on the meta device: no weights)."""
@@ -159,8 +168,7 @@ class ActivationModule(LightningModule):
             if not self.hook_point_specs:
                 self._hook_points = []
             else:
-                with torch.device("meta"):
-                    skeleton = AutoModel.from_config(self.config, trust_remote_code=self.trust_remote_code)
+                skeleton = self._skeleton()
                 blocks_path, _ = find_blocks(skeleton, self.num_layers)
                 names = [name for name, _ in skeleton.named_modules()]
                 self._hook_points = resolve_hook_points(
@@ -176,9 +184,7 @@ class ActivationModule(LightningModule):
         """
         widths = {layer_column(i): self.hidden_size for i in self.layers}
         if self.hook_points:
-            with torch.device("meta"):
-                skeleton = AutoModel.from_config(self.config, trust_remote_code=self.trust_remote_code)
-            modules = dict(skeleton.named_modules())
+            modules = dict(self._skeleton().named_modules())
             for point in self.hook_points:
                 module = modules[point.path]
                 if isinstance(module, torch.nn.Linear):

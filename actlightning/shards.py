@@ -33,7 +33,8 @@ def tmp_name(final_name: str) -> str:
 
 
 def is_tmp_file(name: str) -> bool:
-    return name.startswith(".shard-") and name.endswith(TMP_SUFFIX)
+    """A shard or manifest being written: left behind only by a run that was killed."""
+    return name.startswith((".shard-", ".manifest.json")) and name.endswith(TMP_SUFFIX)
 
 
 @dataclass

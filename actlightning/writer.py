@@ -40,6 +40,11 @@ log = logging.getLogger(__name__)
 ExportState = Literal["new", "resume", "complete", "overwrite"]
 
 
+def _nearest_existing(path: Path) -> Path:
+    """``path`` or its closest existing parent (where it would be created)."""
+    return next(p for p in [path, *path.absolute().parents] if p.exists())
+
+
 def summary_text(manifest: dict, shards_this_run: int) -> str:
     """The end-of-run summary: the same numbers as ``manifest.json``."""
     totals, run, data = manifest["totals"], manifest.get("run", {}), manifest.get("data", {})
@@ -156,7 +161,7 @@ class ParquetShardWriter(BasePredictionWriter):
         estimate = int(exported.sum()) * per_token
         existing = read_manifest(self.output_dir) if (self.output_dir / MANIFEST).exists() else None
         already = existing["totals"]["bytes"] if existing and not self.overwrite else 0
-        probe = next(p for p in [self.output_dir, *self.output_dir.parents] if p.exists())
+        probe = _nearest_existing(self.output_dir)
         free = shutil.disk_usage(probe).free
         plan = {
             "examples": int(len(lengths)),
@@ -190,8 +195,8 @@ class ParquetShardWriter(BasePredictionWriter):
         folder = self.output_dir
         if folder.exists() and not folder.is_dir():
             raise ConfigError(f"writer.output_dir {folder} exists and is not a directory; choose a folder")
-        existing_parent = next((p for p in [folder, *folder.parents] if p.exists()), None)
-        if existing_parent is not None and not os.access(existing_parent, os.W_OK | os.X_OK):
+        existing_parent = _nearest_existing(folder)
+        if not os.access(existing_parent, os.W_OK | os.X_OK):
             raise ConfigError(f"writer.output_dir {folder} is not writable ({existing_parent} denies writing)")
         entries = sorted(p.name for p in folder.iterdir()) if folder.exists() else []
         if not entries:
@@ -219,7 +224,7 @@ class ParquetShardWriter(BasePredictionWriter):
         return "complete" if manifest.get("complete") else "resume"
 
     def _own_files(self, entries: list[str]) -> list[str]:
-        own = [n for n in entries if n in (MANIFEST, CONFIG, CARD, REPORT) or is_tmp_file(n) or n.startswith(".manifest.json")]
+        own = [n for n in entries if n in (MANIFEST, CONFIG, CARD, REPORT) or is_tmp_file(n)]
         return own + [p.name for p in shard_files(self.output_dir)]
 
     def _clean_output_dir(self, state: ExportState) -> None:
@@ -232,7 +237,7 @@ class ParquetShardWriter(BasePredictionWriter):
         else:
             # Temporary files are shards a killed run never finished: the plan redoes their examples.
             for name in entries:
-                if is_tmp_file(name) or name.startswith(".manifest.json"):
+                if is_tmp_file(name):
                     (folder / name).unlink(missing_ok=True)
         folder.mkdir(parents=True, exist_ok=True)
 

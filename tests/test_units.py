@@ -122,3 +122,15 @@ def test_batch_to_table_round_trips_vectors_bit_exactly(dtype):
     decoded = to_torch(got, dtype)
     assert decoded.dtype == torch_dtype
     assert torch.equal(decoded.view(torch.int16 if dtype != "float32" else torch.int32), vectors.view(torch.int16 if dtype != "float32" else torch.int32))
+
+
+def test_tmp_files_of_shards_and_manifest_are_recognised(tmp_path, monkeypatch):
+    from actlightning.manifest import write_json_atomic
+    from actlightning.shards import is_tmp_file, shard_name, tmp_name
+
+    assert is_tmp_file(tmp_name(shard_name(3, 1)))
+    assert not is_tmp_file(shard_name(3, 1)) and not is_tmp_file(".hidden.tmp") and not is_tmp_file("manifest.json")
+    written = []
+    monkeypatch.setattr("os.replace", lambda src, dst: written.append(src))
+    write_json_atomic(tmp_path / "manifest.json", {"a": 1})
+    assert is_tmp_file(written[0].name), "a manifest a killed run left half-written is cleaned up too"
