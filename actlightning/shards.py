@@ -16,7 +16,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from actlightning.parquet_file import VectorParquetWriter
+
 Compression = Literal["none", "zstd", "snappy", "lz4"]
+VectorEncoder = Literal["direct", "arrow"]
 SHARD_PATTERN = re.compile(r"^shard-(\d{5,})-rank(\d{2,})\.parquet$")
 TMP_SUFFIX = ".tmp"
 SHARD_METADATA_KEY = "actlightning"
@@ -69,19 +72,50 @@ def parquet_options(schema: pa.Schema, compression: Compression, vector_columns:
     }
 
 
-class ShardFile:
-    """One Parquet shard, written under a temporary name and renamed into place when complete."""
+class ArrowParquetFile:
+    """pyarrow's own writer behind ``VectorParquetWriter``'s interface (``vector_encoder: arrow``)."""
 
-    def __init__(self, folder: Path, shard_index: int, rank: int, schema: pa.Schema, options: dict) -> None:
+    def __init__(self, path: Path, schema: pa.Schema, options: dict) -> None:
+        self._writer = pq.ParquetWriter(path, schema, **options)
+
+    def write_table(self, table: pa.Table) -> None:
+        self._writer.write_table(table, row_group_size=max(table.num_rows, 1))
+
+    def add_key_value_metadata(self, metadata: dict[str, str]) -> None:
+        self._writer.add_key_value_metadata(metadata)
+
+    def close(self) -> None:
+        self._writer.close()
+
+    abort = close
+
+
+class ShardFile:
+    """One Parquet shard, written under a temporary name and renamed into place when complete.
+
+    Each written table becomes one row group. ``vector_encoder``: ``direct`` writes the vector
+    columns' pages straight from their buffers (``parquet_file``), ``arrow`` leaves all to pyarrow.
+    """
+
+    def __init__(
+        self,
+        folder: Path,
+        shard_index: int,
+        rank: int,
+        schema: pa.Schema,
+        options: dict,
+        vector_encoder: VectorEncoder = "direct",
+    ) -> None:
         self.shard_index = shard_index
         self.final_path = folder / shard_name(shard_index, rank)
         self.tmp_path = folder / tmp_name(self.final_path.name)
         self.rows = 0
         self.tokens = 0
-        self._writer = pq.ParquetWriter(self.tmp_path, schema, **options)
+        file_class = VectorParquetWriter if vector_encoder == "direct" else ArrowParquetFile
+        self._writer = file_class(self.tmp_path, schema, options)
 
     def write(self, table: pa.Table, tokens: int) -> None:
-        self._writer.write_table(table, row_group_size=max(table.num_rows, 1))
+        self._writer.write_table(table)
         self.rows += table.num_rows
         self.tokens += tokens
 
@@ -99,7 +133,7 @@ class ShardFile:
 
     def abort(self) -> None:
         try:
-            self._writer.close()
+            self._writer.abort()
         finally:
             self.tmp_path.unlink(missing_ok=True)
 
@@ -138,6 +172,7 @@ class BackgroundShardWriter:
         name: str = "actlightning-writer",
         shuffle_buffer: int | None = None,
         shuffle_seed: int = 0,
+        vector_encoder: VectorEncoder = "direct",
     ) -> None:
         self.folder = folder
         self.rank = rank
@@ -151,6 +186,7 @@ class BackgroundShardWriter:
         self._current: ShardFile | None = None
         self.shuffle_buffer = shuffle_buffer
         self.shuffle_seed = shuffle_seed
+        self.vector_encoder = vector_encoder
         self._buffer: list[tuple[pa.Table, int]] = []
         self._flushes = 0
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -181,7 +217,9 @@ class BackgroundShardWriter:
             raise AssertionError(f"batch of shard {shard_index} arrived while shard {self._current.shard_index} is open")
         table, tokens = self.encode(item)
         if self._current is None:
-            self._current = ShardFile(self.folder, shard_index, self.rank, self.schema, self.options)
+            self._current = ShardFile(
+                self.folder, shard_index, self.rank, self.schema, self.options, self.vector_encoder
+            )
             self._flushes = 0
         path = self._current.tmp_path
         try:

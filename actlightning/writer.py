@@ -33,7 +33,7 @@ from actlightning.manifest import (
 )
 from actlightning.module import check_finite
 from actlightning.schema import EXAMPLE_ID, Layout, batch_to_table, build_features, build_schema
-from actlightning.shards import Compression, ShardInfo, ShardWriterPool, is_tmp_file, parquet_options
+from actlightning.shards import Compression, ShardInfo, ShardWriterPool, VectorEncoder, is_tmp_file, parquet_options
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,7 @@ class ParquetShardWriter(BasePredictionWriter):
             are deleted). Without it, a different export there is refused, and an unfinished export of
             the same settings is resumed.
         compression: Parquet compression codec. ``none`` is fastest; ``zstd`` saves disk for a little CPU.
+            Any codec but ``none`` sends the vector columns through pyarrow's encoder (see below).
         max_pending_batches: Batches queued for each writer thread before the forward pass waits for
             it; bounds host memory (at most ``writer_threads x max_pending_batches`` batches in flight).
         writer_threads: Threads encoding and writing shards in parallel (each shard is written whole
@@ -78,6 +79,10 @@ class ParquetShardWriter(BasePredictionWriter):
             shard) before writing, so shards are ready for SAE training. Costs about this many batches
             of host memory, twice, while a buffer is permuted. Unset: rows in plan order.
         shuffle_seed: Seed of that shuffle (with the shard index: deterministic whatever the threads).
+        vector_encoder: ``direct``: the vector columns' Parquet pages are written straight from their
+            buffers (about 10x faster than Arrow, which encodes list values one by one); every other
+            column, the schema and the metadata still come from pyarrow, and readers see the same data.
+            ``arrow``: pyarrow's ``ParquetWriter`` writes everything (the reference, for comparison).
         dry_run: Print the plan (examples, tokens, bytes per token, estimated size and shards, free
             space) after loading and filtering the data, then stop: no forward pass, nothing written.
         ignore_free_space: Export even when the estimated size exceeds the free space of output_dir.
@@ -95,6 +100,7 @@ class ParquetShardWriter(BasePredictionWriter):
         layout: Layout = "sequence",
         shuffle_buffer: int | None = None,
         shuffle_seed: int = 0,
+        vector_encoder: VectorEncoder = "direct",
         dry_run: bool = False,
         ignore_free_space: bool = False,
     ) -> None:
@@ -121,6 +127,7 @@ class ParquetShardWriter(BasePredictionWriter):
         self.layout = layout
         self.shuffle_buffer = shuffle_buffer
         self.shuffle_seed = shuffle_seed
+        self.vector_encoder = vector_encoder
         self.dry_run = dry_run
         self.ignore_free_space = ignore_free_space
         self.tokens_submitted = 0
@@ -155,7 +162,8 @@ class ParquetShardWriter(BasePredictionWriter):
         lengths = np.concatenate([store.lengths[b] for shard in shards for b in shard]) if shards else np.zeros(0, dtype=np.int64)
         exported = np.minimum(lengths, pl_module.n_pos) if pl_module.n_pos else lengths
         widths = pl_module.estimated_widths()
-        value_bytes = 4 if pl_module.storage_dtype == "float32" else 2
+        # On disk: Parquet has no 16-bit integer, so bfloat16's uint16 patterns take an INT32 each.
+        value_bytes = 2 if pl_module.storage_dtype == "float16" else 4
         # Per token: the vectors, its token id, and in the token layout example_id + position.
         per_token = sum(widths.values()) * value_bytes + 4 + (12 if self.layout == "token" else 0)
         estimate = int(exported.sum()) * per_token
@@ -311,6 +319,7 @@ class ParquetShardWriter(BasePredictionWriter):
             on_shard_done=self._on_shard_done,
             shuffle_buffer=self.shuffle_buffer,
             shuffle_seed=self.shuffle_seed,
+            vector_encoder=self.vector_encoder,
         )
 
     def _encode(self, item: tuple[dict, pa.Table | None]) -> tuple[pa.Table, int]:

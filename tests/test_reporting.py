@@ -7,6 +7,7 @@ import shutil
 from collections import namedtuple
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from datasets import load_dataset
 
@@ -26,13 +27,26 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, checkpoints, games
     assert not out.exists()
 
 
-def test_plan_estimate_matches_the_export(tmp_path, checkpoints, games_file, caplog):
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_plan_estimate_matches_the_export(tmp_path, checkpoints, games_file, caplog, dtype):
     out = tmp_path / "out"
-    run_export(checkpoints["gpt2"], games_file, out, **{"model.layers": "[0, 3]"})
+    run_export(checkpoints["gpt2"], games_file, out, **{"model.layers": "[0, 3]", "model.output_dtype": dtype})
     manifest = json.loads((out / "manifest.json").read_text())
     planned = [r for r in caplog.messages if r.startswith("plan:") and "examples" in r][0]
     estimate_gb = float(planned.split("about ")[1].split(" GB")[0])
     assert abs(estimate_gb * 1e9 - manifest["totals"]["bytes"]) < 0.15 * manifest["totals"]["bytes"] + 0.01e9
+    # Per token, on disk (this small export's footers would hide a wrong size in the total):
+    # bfloat16 takes 4 bytes a value, as Parquet stores uint16 in INT32.
+    per_token = int(planned.split(" bytes per token")[0].rsplit(" ", 1)[1])
+    vector_bytes = 0
+    for shard in out.glob("*.parquet"):
+        metadata = pq.read_metadata(shard)
+        for group in range(metadata.num_row_groups):
+            for column in range(metadata.num_columns):
+                chunk = metadata.row_group(group).column(column)
+                if chunk.path_in_schema.startswith("layer_"):
+                    vector_bytes += chunk.total_compressed_size
+    assert vector_bytes / manifest["totals"]["tokens"] == pytest.approx(per_token - 4, rel=0.1)
 
 
 def test_estimate_above_free_space_stops_before_exporting(tmp_path, checkpoints, games_file, monkeypatch, capsys):

@@ -8,6 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from actlightning.parquet_file import VectorParquetWriter
 from tests.helpers import read_rows, run_export
 
 
@@ -61,3 +62,25 @@ def test_several_writer_threads_write_identical_shards(tmp_path, checkpoints, ga
     assert [p.name for p in one] == [p.name for p in three]
     for a, b in zip(one, three):
         assert pq.read_table(a).equals(pq.read_table(b))
+
+
+@pytest.mark.parametrize("layout", ["sequence", "token"])
+def test_direct_and_arrow_vector_encoders_write_the_same_data(tmp_path, checkpoints, games_file, layout, monkeypatch):
+    settings = {
+        "data.batch_size": 3, "model.layers": "[0, 3]", "model.output_dtype": "float16",
+        "data.label_columns": "[Site, Scores]", "writer.layout": layout,
+    }
+    direct_chunks = []
+    original = VectorParquetWriter._write_vector_chunk
+    monkeypatch.setattr(
+        VectorParquetWriter, "_write_vector_chunk", lambda self, *a: direct_chunks.append(1) or original(self, *a)
+    )
+    run_export(checkpoints["gpt2"], games_file, tmp_path / "direct", **settings)
+    assert len(direct_chunks) == 2 * 14, "two vector columns in each of the 14 batches, written directly"
+    run_export(checkpoints["gpt2"], games_file, tmp_path / "arrow", **settings, **{"writer.vector_encoder": "arrow"})
+    assert len(direct_chunks) == 2 * 14
+    direct, arrow = sorted((tmp_path / "direct").glob("*.parquet")), sorted((tmp_path / "arrow").glob("*.parquet"))
+    assert [p.name for p in direct] == [p.name for p in arrow]
+    for a, b in zip(direct, arrow):
+        assert pq.read_table(a).equals(pq.read_table(b))
+        assert pq.read_metadata(a).metadata == pq.read_metadata(b).metadata

@@ -14,6 +14,7 @@ then measures, each phase in its own process so peak memory is its own:
     python tests/benchmarks/bench_export.py --layers 6 --examples 96
     python tests/benchmarks/bench_export.py --device cuda --examples 4096 --batch-size 64 --writer-threads 8
     python tests/benchmarks/bench_export.py --only writer --writer-threads 1,2
+    python tests/benchmarks/bench_export.py --only writer --vector-encoder arrow   # pyarrow's encoder, for comparison
     python tests/benchmarks/bench_export.py --hidden-size 256 --examples 128 --only export,scaling
 
 The scaling run needs enough batches (here 8 vs 32) to fill the writer pipeline in both runs; with
@@ -119,8 +120,9 @@ def phase_export(args) -> dict:
         "--model.output_dtype", args.output_dtype, "--data.path", "json", "--data.data_files", args.data,
         "--data.input_column", "Transcript", "--data.batch_size", str(args.batch_size),
         "--writer.output_dir", str(out), "--writer.overwrite", "true",
-        "--writer.batches_per_shard", str(args.batches_per_shard),
-        "--writer.writer_threads", str(args.writer_threads), "--writer.compression", args.compression,
+        "--writer.batches_per_shard", str(args.batches_per_shard), "--writer.vector_encoder", args.vector_encoder,
+        # A comma list of thread counts is for the writer phase; the export uses the first.
+        "--writer.writer_threads", str(args.writer_threads).split(",")[0], "--writer.compression", args.compression,
         "--trainer.accelerator", "gpu" if args.device == "cuda" else "cpu", "--trainer.devices", "1",
         "--trainer.enable_progress_bar", "false",
     ]
@@ -154,7 +156,7 @@ def phase_writer(args) -> dict:
 
     hidden, layers, rows, length = 768, 13 if args.layers == "all" else len(args.layers.split(",")), 16, 256
     columns = [f"layer_{i}" for i in range(layers)]
-    schema = build_schema(build_features(hidden, columns, args.output_dtype), args.output_dtype)
+    schema = build_schema(build_features(dict.fromkeys(columns, hidden), args.output_dtype), args.output_dtype)
     torch_dtype = getattr(torch, args.output_dtype)
     prediction = {
         "example_id": torch.arange(rows),
@@ -171,6 +173,7 @@ def phase_writer(args) -> dict:
                 threads, folder=Path(folder), rank=0, schema=schema,
                 options=parquet_options(schema, args.compression, columns),
                 encode=lambda item: (batch_to_table(item, schema), rows * length), max_pending=2,
+                vector_encoder=args.vector_encoder,
             )
             shards, per_shard = 4 * threads, 4
             start = time.perf_counter()
@@ -225,6 +228,7 @@ def main() -> None:
     parser.add_argument("--batches-per-shard", type=int, default=4)
     parser.add_argument("--writer-threads", default="1", help="threads; a comma list for the writer phase")
     parser.add_argument("--compression", default="none")
+    parser.add_argument("--vector-encoder", default="direct", choices=["direct", "arrow"])
     parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
     parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "actlightning-bench"))
     parser.add_argument("--only", default="floor,export", help="phases: floor,export,scaling,writer,reader")

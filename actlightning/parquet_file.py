@@ -1,0 +1,459 @@
+"""A Parquet file writer whose vector columns are written straight from their buffers.
+
+Why: Arrow's Parquet writer handles a ``list<list<float16>>`` value by value (repetition and
+definition levels, level histograms, one ``memcpy`` per FIXED_LEN_BYTE_ARRAY value), which caps it
+near 60 million values per second per core (~120 MB/s of float16) whatever the options; on a GPU
+box that, not the forward pass, is the wall. Our vector columns have a shape Arrow does not
+exploit: no nulls and every inner list the same width. Their levels are then a few RLE runs per
+token and their values are the raw little-endian buffer, so a page costs one ``write`` of memory
+that is already laid out.
+
+How: each row group is first written by pyarrow into memory with every fast column replaced by
+nulls. That mini file supplies the schema, the Arrow and HF metadata, and the encoded small columns
+(ids, tokens, labels of any type), whose bytes are copied with their offsets moved. The fast
+columns' chunks are written here, and the footer is rebuilt from Arrow's own, decoded and encoded
+again with the Thrift compact protocol. A vector column that does not have that shape in some
+batch (nulls, ragged widths), or any column when compression is on, is left to pyarrow.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+MAGIC = b"PAR1"
+PAGE_BYTES = 1 << 20  # values per data page (Arrow's default page size); pages hold whole rows
+
+# Thrift compact protocol type codes.
+T_TRUE, T_FALSE, T_BYTE, T_I16, T_I32, T_I64, T_DOUBLE, T_BINARY, T_LIST, T_SET, T_MAP, T_STRUCT = range(1, 13)
+
+# A decoded Thrift struct: field id -> (type code, value). Lists are (element type, [values]).
+Struct = dict[int, tuple[int, object]]
+
+
+# --- Thrift compact protocol ---------------------------------------------------------------------
+
+
+class _Reader:
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.pos = 0
+
+    def varint(self) -> int:
+        result = shift = 0
+        while True:
+            byte = self.data[self.pos]
+            self.pos += 1
+            result |= (byte & 0x7F) << shift
+            shift += 7
+            if not byte & 0x80:
+                return result
+
+    def zigzag(self) -> int:
+        value = self.varint()
+        return (value >> 1) ^ -(value & 1)
+
+    def value(self, kind: int) -> object:
+        if kind in (T_TRUE, T_FALSE):
+            return kind == T_TRUE
+        if kind == T_BYTE:
+            self.pos += 1
+            return self.data[self.pos - 1]
+        if kind in (T_I16, T_I32, T_I64):
+            return self.zigzag()
+        if kind == T_DOUBLE:
+            self.pos += 8
+            return self.data[self.pos - 8 : self.pos]
+        if kind == T_BINARY:
+            size = self.varint()
+            self.pos += size
+            return bytes(self.data[self.pos - size : self.pos])
+        if kind in (T_LIST, T_SET):
+            header = self.data[self.pos]
+            self.pos += 1
+            size, element = header >> 4, header & 0x0F
+            if size == 15:
+                size = self.varint()
+            if element in (T_TRUE, T_FALSE):
+                raise ValueError("Thrift lists of booleans do not occur in Parquet footers")
+            return element, [self.value(element) for _ in range(size)]
+        if kind == T_STRUCT:
+            return self.struct()
+        raise ValueError(f"Thrift type {kind} does not occur in Parquet footers")
+
+    def struct(self) -> Struct:
+        fields: Struct = {}
+        last = 0
+        while True:
+            header = self.data[self.pos]
+            self.pos += 1
+            if header == 0:
+                return fields
+            delta, kind = header >> 4, header & 0x0F
+            field_id = last + delta if delta else self.zigzag()
+            fields[field_id] = (T_TRUE if kind == T_FALSE else kind, self.value(kind))
+            last = field_id
+
+
+def _uvarint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _zigzag(value: int) -> bytes:
+    return _uvarint((value << 1) ^ (value >> 63))
+
+
+def _encode_value(out: bytearray, kind: int, value: object) -> None:
+    if kind == T_BYTE:
+        out.append(value)
+    elif kind in (T_I16, T_I32, T_I64):
+        out += _zigzag(value)
+    elif kind == T_DOUBLE:
+        out += value
+    elif kind == T_BINARY:
+        out += _uvarint(len(value)) + value
+    elif kind in (T_LIST, T_SET):
+        element, items = value
+        out.append((len(items) << 4 | element) if len(items) < 15 else (0xF0 | element))
+        if len(items) >= 15:
+            out += _uvarint(len(items))
+        for item in items:
+            _encode_value(out, element, item)
+    elif kind == T_STRUCT:
+        encode_struct(out, value)
+    else:
+        raise ValueError(f"cannot encode Thrift type {kind}")
+
+
+def encode_struct(out: bytearray, fields: Struct) -> None:
+    """Append ``fields`` (field ids in ascending order, as Thrift writes them) and a stop byte."""
+    last = 0
+    for field_id in sorted(fields):
+        kind, value = fields[field_id]
+        wire = (T_TRUE if value else T_FALSE) if kind == T_TRUE else kind
+        delta = field_id - last
+        if 0 < delta <= 15:
+            out.append(delta << 4 | wire)
+        else:
+            out.append(wire)
+            out += _zigzag(field_id)
+        if kind != T_TRUE:
+            _encode_value(out, kind, value)
+        last = field_id
+    out.append(0)
+
+
+def decode_struct(data: bytes) -> Struct:
+    return _Reader(data).struct()
+
+
+def _i32(value: int) -> tuple[int, int]:
+    return T_I32, value
+
+
+def _i64(value: int) -> tuple[int, int]:
+    return T_I64, value
+
+
+# --- Parquet pieces ------------------------------------------------------------------------------
+
+# parquet.thrift: physical types, encodings, page types, field ids used below.
+FLOAT, FIXED_LEN_BYTE_ARRAY, INT32 = 4, 7, 1
+PLAIN, RLE = 0, 3
+DATA_PAGE, DATA_PAGE_V2 = 0, 3
+# FileMetaData
+FMD_SCHEMA, FMD_NUM_ROWS, FMD_ROW_GROUPS, FMD_KEY_VALUE = 2, 3, 4, 5
+# SchemaElement
+SE_NAME, SE_NUM_CHILDREN = 4, 5
+# RowGroup
+RG_COLUMNS, RG_TOTAL_BYTES, RG_FILE_OFFSET, RG_TOTAL_COMPRESSED = 1, 2, 5, 6
+# ColumnChunk
+CC_FILE_OFFSET, CC_META = 2, 3
+CC_INDEX_FIELDS = (4, 5, 6, 7)  # offset/column index: never written (write_page_index is off)
+# ColumnMetaData
+CMD_PATH, CMD_UNCOMPRESSED, CMD_COMPRESSED, CMD_DATA_OFFSET, CMD_INDEX_OFFSET, CMD_DICT_OFFSET = 3, 6, 7, 9, 10, 11
+CMD_BLOOM_OFFSET = 14
+
+
+def _rle_run(value: int, count: int) -> bytes:
+    """One run of the RLE/bit-packed hybrid encoding (levels here are < 256: one value byte)."""
+    return _uvarint(count << 1) + bytes((value,))
+
+
+@dataclass(frozen=True)
+class _VectorLeaf:
+    """How a vector column is laid out in Parquet (read from Arrow's own schema conversion)."""
+
+    depth: int  # 2: list<list<x>> (one row per sequence), 1: fixed_size_list<x> (one row per token)
+    max_definition: int
+    physical_type: int
+    value_dtype: np.dtype  # the Arrow buffer's dtype
+    stored_dtype: np.dtype  # what PLAIN writes: uint16 is stored as INT32
+
+
+def _vector_leaf(field: pa.Field, column: pq.ColumnSchema) -> _VectorLeaf | None:
+    """The fast layout of ``field``, or None when pyarrow should write it."""
+    kind = field.type.storage_type if isinstance(field.type, pa.ExtensionType) else field.type
+    depth = 0
+    while pa.types.is_list(kind) or pa.types.is_fixed_size_list(kind):
+        if depth == 1 and pa.types.is_fixed_size_list(kind):
+            return None
+        kind = kind.value_type
+        depth += 1
+    if depth == 1 and not pa.types.is_fixed_size_list(field.type):
+        return None  # list<x> of free length: not a vector column
+    if depth not in (1, 2) or column.max_repetition_level != depth or not field.nullable:
+        return None
+    physical = {"FLOAT": FLOAT, "FIXED_LEN_BYTE_ARRAY": FIXED_LEN_BYTE_ARRAY, "INT32": INT32}.get(column.physical_type)
+    layouts = {
+        (pa.float32(), FLOAT): (np.float32, np.float32),
+        (pa.float16(), FIXED_LEN_BYTE_ARRAY): (np.float16, np.float16),
+        (pa.uint16(), INT32): (np.uint16, np.int32),
+    }
+    dtypes = layouts.get((kind, physical))
+    if dtypes is None or (physical == FIXED_LEN_BYTE_ARRAY and column.length != 2):
+        return None
+    return _VectorLeaf(depth, column.max_definition_level, physical, np.dtype(dtypes[0]), np.dtype(dtypes[1]))
+
+
+def _first_leaves(elements: Sequence[Struct]) -> dict[str, int]:
+    """Top-level column name -> index of its first leaf column, from Parquet's flattened schema tree.
+
+    (Names may hold dots, so the dotted leaf paths cannot be split.)
+    """
+    first: dict[str, int] = {}
+
+    def subtree(position: int) -> tuple[int, int]:  # -> (position after it, leaves in it)
+        children = elements[position].get(SE_NUM_CHILDREN, (T_I32, None))[1]
+        if children is None:
+            return position + 1, 1
+        leaves, position = 0, position + 1
+        for _ in range(children):
+            position, count = subtree(position)
+            leaves += count
+        return position, leaves
+
+    position, leaf = 1, 0
+    for _ in range(elements[0][SE_NUM_CHILDREN][1]):
+        first[elements[position][SE_NAME][1].decode()] = leaf
+        position, count = subtree(position)
+        leaf += count
+    return first
+
+
+def _vector_values(array: pa.Array, leaf: _VectorLeaf) -> tuple[np.ndarray, np.ndarray, int] | None:
+    """(values, tokens per row, width) of one chunk without copying, or None if it has another shape."""
+    storage = array.storage if isinstance(array, pa.ExtensionArray) else array
+    if storage.null_count:
+        return None
+    if leaf.depth == 1:
+        width = storage.type.list_size
+        lengths = np.ones(len(storage), dtype=np.int64)
+        values = storage.flatten()
+    else:
+        lengths = storage.value_lengths().to_numpy().astype(np.int64)
+        inner = storage.flatten()
+        if inner.null_count or len(inner) == 0:
+            return None
+        widths = inner.value_lengths().to_numpy()
+        width = int(widths[0])
+        if lengths.min(initial=1) < 1 or (widths != width).any():
+            return None
+        values = inner.flatten()
+    if values.null_count or width < 1:
+        return None
+    return values.to_numpy(zero_copy_only=True).view(leaf.value_dtype), lengths, width
+
+
+class VectorParquetWriter:
+    """Writes a Parquet file one row group per ``write_table``; see the module docstring.
+
+    ``options`` are ``pyarrow.parquet.ParquetWriter`` options. The file on disk is complete only
+    after ``close``; ``abort`` leaves whatever was written (callers write under a temporary name).
+    """
+
+    def __init__(self, path: str | os.PathLike, schema: pa.Schema, options: Mapping[str, object]) -> None:
+        self.schema = schema
+        self.options = dict(options)
+        template = self._mini_file(schema.empty_table())
+        self._footer = self._decode_footer(template)
+        parquet_schema = pq.read_metadata(pa.BufferReader(template)).schema
+        self._leaves: dict[str, _VectorLeaf] = {}
+        if self.options.get("compression", "none") in ("none", None):
+            first_leaf = _first_leaves(self._footer[FMD_SCHEMA][1][1])
+            for field in schema:
+                if field.name in first_leaf:
+                    leaf = _vector_leaf(field, parquet_schema.column(first_leaf[field.name]))
+                    if leaf is not None:
+                        self._leaves[field.name] = leaf
+        self._row_groups: list[Struct] = []
+        self._rows = 0
+        self._extra_metadata: dict[str, str] = {}
+        self._file = open(path, "wb")  # noqa: SIM115 - closed by close()/abort()
+        self._file.write(MAGIC)
+        self._pos = len(MAGIC)
+
+    @property
+    def fast_columns(self) -> list[str]:
+        """Columns whose chunks this writer encodes itself (when a batch has their shape)."""
+        return list(self._leaves)
+
+    def _mini_file(self, table: pa.Table) -> pa.Buffer:
+        sink = pa.BufferOutputStream()
+        writer = pq.ParquetWriter(sink, table.schema, **self.options)
+        writer.write_table(table, row_group_size=max(table.num_rows, 1))
+        writer.close()
+        return sink.getvalue()
+
+    @staticmethod
+    def _decode_footer(data: pa.Buffer) -> Struct:
+        view = memoryview(data)
+        if bytes(view[-4:]) != MAGIC:
+            raise ValueError("not a Parquet file")
+        size = int.from_bytes(view[-8:-4], "little")
+        return decode_struct(bytes(view[-8 - size : -8]))
+
+    def write_table(self, table: pa.Table) -> None:
+        """Append ``table`` as one row group."""
+        if table.num_rows == 0:
+            return
+        if not table.schema.equals(self.schema):
+            raise ValueError("table schema differs from the file's schema")
+        fast: dict[str, list[tuple[np.ndarray, np.ndarray, int]]] = {}
+        columns = []
+        for field, column in zip(table.schema, table.columns):
+            leaf = self._leaves.get(field.name)
+            chunks = [_vector_values(chunk, leaf) for chunk in column.chunks] if leaf else [None]
+            if leaf and all(chunk is not None for chunk in chunks):
+                fast[field.name] = chunks
+                storage = field.type.storage_type if isinstance(field.type, pa.ExtensionType) else field.type
+                placeholder = pa.nulls(table.num_rows, storage)
+                if isinstance(field.type, pa.ExtensionType):
+                    placeholder = pa.ExtensionArray.from_storage(field.type, placeholder)
+                columns.append(placeholder)
+            else:
+                columns.append(column)
+        mini = self._mini_file(pa.Table.from_arrays(columns, schema=table.schema))
+        footer = self._decode_footer(mini)
+        row_groups = footer[FMD_ROW_GROUPS][1][1]
+        if len(row_groups) != 1:
+            raise AssertionError(f"expected one row group from pyarrow, got {len(row_groups)}")
+        row_group = row_groups[0]
+        source = memoryview(mini)
+        copied = 0
+        start_of_group = self._pos
+        for chunk in row_group[RG_COLUMNS][1][1]:
+            meta = chunk[CC_META][1]
+            if any(key in chunk for key in CC_INDEX_FIELDS) or CMD_BLOOM_OFFSET in meta:
+                raise AssertionError("page indexes and bloom filters are not supported")
+            start = meta[CMD_DICT_OFFSET][1] if CMD_DICT_OFFSET in meta else meta[CMD_DATA_OFFSET][1]
+            size = meta[CMD_COMPRESSED][1]
+            copied += size
+            name = meta[CMD_PATH][1][1][0].decode()
+            if name in fast:
+                chunk[CC_META] = (T_STRUCT, self._write_vector_chunk(meta, self._leaves[name], fast[name]))
+                continue
+            shift = self._pos - start
+            self._write(source[start : start + size])
+            for key in (CMD_DATA_OFFSET, CMD_DICT_OFFSET, CMD_INDEX_OFFSET):
+                if key in meta:
+                    meta[key] = _i64(meta[key][1] + shift)
+        if copied != len(mini) - len(MAGIC) - 8 - int.from_bytes(source[-8:-4], "little"):
+            raise AssertionError("pyarrow's column chunks do not tile its file")
+        metas = [chunk[CC_META][1] for chunk in row_group[RG_COLUMNS][1][1]]
+        row_group[RG_TOTAL_BYTES] = _i64(sum(meta[CMD_UNCOMPRESSED][1] for meta in metas))
+        row_group[RG_TOTAL_COMPRESSED] = _i64(sum(meta[CMD_COMPRESSED][1] for meta in metas))
+        row_group[RG_FILE_OFFSET] = _i64(start_of_group)
+        self._row_groups.append(row_group)
+        self._rows += table.num_rows
+
+    def _write(self, data: bytes | memoryview) -> None:
+        self._file.write(data)
+        self._pos += len(data)
+
+    def _write_vector_chunk(
+        self, placeholder: Struct, leaf: _VectorLeaf, chunks: Sequence[tuple[np.ndarray, np.ndarray, int]]
+    ) -> Struct:
+        """Write one column chunk as DATA_PAGE_V2 pages of whole rows; return its ColumnMetaData."""
+        first_offset = self._pos
+        num_values = pages = 0
+        for values, lengths, width in chunks:
+            rep_tail = _rle_run(leaf.depth, width - 1) if width > 1 else b""
+            first_token = _rle_run(0, 1) + rep_tail
+            next_token = _rle_run(1, 1) + rep_tail
+            row_values = lengths * width
+            ends = np.cumsum(row_values)
+            row = 0
+            while row < len(lengths):
+                # Whole rows up to PAGE_BYTES of values (at least one row).
+                done = ends[row - 1] if row else 0
+                stop = max(int(np.searchsorted(ends, done + PAGE_BYTES // leaf.stored_dtype.itemsize, "right")), row + 1)
+                page_values = int(ends[stop - 1] - done)
+                if leaf.depth == 1:  # one vector per row
+                    rep = first_token * (stop - row)
+                else:
+                    rep = b"".join(first_token + next_token * (int(n) - 1) for n in lengths[row:stop])
+                definition = _rle_run(leaf.max_definition, page_values)
+                data = values[done : done + page_values]
+                if data.dtype != leaf.stored_dtype:
+                    data = data.astype(leaf.stored_dtype)
+                size = len(rep) + len(definition) + data.nbytes
+                header = bytearray()
+                encode_struct(header, {
+                    1: _i32(DATA_PAGE_V2),
+                    2: _i32(size),
+                    3: _i32(size),
+                    8: (T_STRUCT, {
+                        1: _i32(page_values), 2: _i32(0), 3: _i32(stop - row), 4: _i32(PLAIN),
+                        5: _i32(len(definition)), 6: _i32(len(rep)), 7: (T_TRUE, False),
+                    }),
+                })  # fmt: skip
+                self._write(header)
+                self._write(rep)
+                self._write(definition)
+                self._write(memoryview(np.ascontiguousarray(data)).cast("B"))
+                num_values += page_values
+                pages += 1
+                row = stop
+        total = self._pos - first_offset
+        return {
+            1: _i32(leaf.physical_type),
+            2: (T_LIST, (T_I32, [RLE, PLAIN])),
+            CMD_PATH: placeholder[CMD_PATH],
+            4: _i32(0),  # UNCOMPRESSED
+            5: _i64(num_values),
+            CMD_UNCOMPRESSED: _i64(total),
+            CMD_COMPRESSED: _i64(total),
+            CMD_DATA_OFFSET: _i64(first_offset),
+            13: (T_LIST, (T_STRUCT, [{1: _i32(DATA_PAGE), 2: _i32(PLAIN), 3: _i32(pages)}])),
+        }
+
+    def add_key_value_metadata(self, metadata: Mapping[str, str]) -> None:
+        self._extra_metadata.update(metadata)
+
+    def close(self) -> None:
+        """Write the footer; the file is a complete Parquet file afterwards."""
+        footer = dict(self._footer)
+        footer[FMD_NUM_ROWS] = _i64(self._rows)
+        footer[FMD_ROW_GROUPS] = (T_LIST, (T_STRUCT, self._row_groups))
+        pairs = [pair for pair in footer.get(FMD_KEY_VALUE, (T_LIST, (T_STRUCT, [])))[1][1] if pair[1][1].decode() not in self._extra_metadata]
+        pairs += [{1: (T_BINARY, key.encode()), 2: (T_BINARY, value.encode())} for key, value in self._extra_metadata.items()]
+        footer[FMD_KEY_VALUE] = (T_LIST, (T_STRUCT, pairs))
+        encoded = bytearray()
+        encode_struct(encoded, footer)
+        self._write(bytes(encoded) + len(encoded).to_bytes(4, "little") + MAGIC)
+        self._file.close()
+
+    def abort(self) -> None:
+        self._file.close()
+

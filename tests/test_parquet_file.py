@@ -1,0 +1,140 @@
+"""The direct vector-column Parquet writer: files equal to pyarrow's, whatever the shape, else fallback."""
+
+from __future__ import annotations
+
+import errno
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from datasets import Value
+
+from actlightning import parquet_file
+from actlightning.parquet_file import VectorParquetWriter, decode_struct, encode_struct
+from actlightning.schema import batch_to_table, build_features, build_schema
+from actlightning.shards import ShardFile, parquet_options
+
+WIDTHS = {"layer_0": 7, "layer_2": 1, "hook_blocks.0.mlp": 33}
+
+
+def _batches(dtype: str, layout: str, seed: int = 0, count: int = 3) -> tuple[pa.Schema, list[pa.Table]]:
+    """``count`` predicted batches with random lengths (1 included), string labels with a null."""
+    rng = np.random.default_rng(seed)
+    schema = build_schema(build_features(WIDTHS, dtype, {"Site": Value("string")}, layout), dtype)
+    tables = []
+    for index in range(count):
+        lengths = torch.tensor([1, *rng.integers(1, 50, size=4)])
+        tokens = int(lengths.sum())
+        prediction = {
+            "example_id": torch.arange(5) + 10 * index,
+            "n_tokens": lengths,
+            "start_position": torch.tensor(rng.integers(0, 9, size=5), dtype=torch.int32),
+            "input_ids": torch.tensor(rng.integers(0, 90, size=tokens), dtype=torch.int32),
+            "layers": {name: torch.randn(tokens, width).to(getattr(torch, dtype)) for name, width in WIDTHS.items()},
+        }
+        labels = pa.table({"Site": pa.array(["a", None, "ccc", "", "e"])})
+        tables.append(batch_to_table(prediction, schema, labels, layout))
+    return schema, tables
+
+
+def _write_both(tmp_path, schema, tables, compression="none"):
+    options = parquet_options(schema, compression, list(WIDTHS))
+    writer = VectorParquetWriter(tmp_path / "direct.parquet", schema, options)
+    for table in tables:
+        writer.write_table(table)
+    writer.add_key_value_metadata({"actlightning": '{"shard_index": 3}'})
+    writer.close()
+    reference = pq.ParquetWriter(tmp_path / "arrow.parquet", schema, **options)
+    for table in tables:
+        reference.write_table(table, row_group_size=table.num_rows)
+    reference.close()
+    return writer, pq.read_table(tmp_path / "direct.parquet"), pq.read_table(tmp_path / "arrow.parquet")
+
+
+@pytest.mark.parametrize("layout", ["sequence", "token"])
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_direct_file_reads_back_equal_to_pyarrows(tmp_path, monkeypatch, dtype, layout):
+    monkeypatch.setattr(parquet_file, "PAGE_BYTES", 512)  # many pages per column chunk, rows never split
+    chunks = []
+    original = VectorParquetWriter._write_vector_chunk
+    monkeypatch.setattr(
+        VectorParquetWriter, "_write_vector_chunk", lambda self, *a: chunks.append(1) or original(self, *a)
+    )
+    schema, tables = _batches(dtype, layout)
+    writer, direct, arrow = _write_both(tmp_path, schema, tables)
+    assert writer.fast_columns == list(WIDTHS)
+    assert len(chunks) == len(WIDTHS) * len(tables), "every vector chunk went the direct way"
+    assert direct.schema.equals(schema)
+    assert [f.metadata for f in direct.schema] == [f.metadata for f in schema]  # bfloat16 marker etc.
+    assert direct.equals(arrow)
+    assert direct.equals(pa.concat_tables(tables))
+    metadata = pq.read_metadata(tmp_path / "direct.parquet")
+    assert metadata.num_row_groups == len(tables)
+    assert metadata.metadata[b"actlightning"] == b'{"shard_index": 3}'
+    assert b"huggingface" in metadata.metadata and b"ARROW:schema" in metadata.metadata
+    # Row groups are addressable on their own (offsets were moved correctly).
+    for index, table in enumerate(tables):
+        assert pq.ParquetFile(tmp_path / "direct.parquet").read_row_group(index).equals(table)
+
+
+def test_chunked_and_permuted_tables_are_written_exactly(tmp_path):
+    """The shuffle buffer writes ``concat_tables(...).take(...)``: several chunks, rows permuted."""
+    schema, tables = _batches("float16", "token", seed=1)
+    table = pa.concat_tables(tables)
+    table = table.take(pa.array(np.random.default_rng(0).permutation(table.num_rows)))
+    table = pa.concat_tables([table.slice(0, 17), table.slice(17)])
+    assert table.column("layer_0").num_chunks == 2
+    _, direct, arrow = _write_both(tmp_path, schema, [table])
+    assert direct.equals(arrow) and direct.equals(table)
+
+
+def test_other_shapes_and_compression_fall_back_to_pyarrow(tmp_path):
+    # A null vector and a ragged list<list<float32>>: pyarrow writes that column, for that batch only.
+    schema = pa.schema([("example_id", pa.int64()), ("layer_0", pa.list_(pa.list_(pa.float32())))])
+    good = pa.table({"example_id": [0, 1], "layer_0": [[[1.0, 2.0]], [[3.0, 4.0], [5.0, 6.0]]]}, schema=schema)
+    null = pa.table({"example_id": [2, 3], "layer_0": [None, [[7.0, 8.0]]]}, schema=schema)
+    ragged = pa.table({"example_id": [4], "layer_0": [[[1.0], [2.0, 3.0]]]}, schema=schema)
+    empty_row = pa.table({"example_id": [5], "layer_0": [[]]}, schema=schema)
+    writer = VectorParquetWriter(tmp_path / "mixed.parquet", schema, {"compression": "none", "data_page_version": "2.0"})
+    assert writer.fast_columns == ["layer_0"]
+    for table in (good, null, ragged, empty_row):
+        writer.write_table(table)
+    writer.close()
+    assert pq.read_table(tmp_path / "mixed.parquet").equals(pa.concat_tables([good, null, ragged, empty_row]))
+
+    schema, tables = _batches("float16", "sequence")
+    writer, direct, arrow = _write_both(tmp_path, schema, tables, compression="zstd")
+    assert writer.fast_columns == []
+    assert direct.equals(arrow)
+
+
+def test_thrift_footer_reencodes_byte_for_byte(tmp_path):
+    schema, tables = _batches("float16", "sequence")
+    _write_both(tmp_path, schema, tables)
+    for name in ("arrow.parquet", "direct.parquet"):
+        data = (tmp_path / name).read_bytes()
+        size = int.from_bytes(data[-8:-4], "little")
+        footer = data[-8 - size : -8]
+        encoded = bytearray()
+        encode_struct(encoded, decode_struct(footer))
+        assert bytes(encoded) == footer
+
+
+def test_write_error_in_a_vector_page_removes_the_partial_shard(tmp_path, monkeypatch):
+    schema, tables = _batches("float16", "sequence")
+    shard = ShardFile(tmp_path, 0, 0, schema, parquet_options(schema, "none", list(WIDTHS)))
+    original, calls = VectorParquetWriter._write, []
+
+    def failing(self, data):
+        calls.append(1)
+        if len(calls) == 9:  # inside the first vector column chunk
+            raise OSError(errno.ENOSPC, "No space left on device")
+        original(self, data)
+
+    monkeypatch.setattr(VectorParquetWriter, "_write", failing)
+    with pytest.raises(OSError, match="No space left"):
+        shard.write(tables[0], 10)
+    shard.abort()
+    assert list(tmp_path.iterdir()) == []
