@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import sys
 import warnings
@@ -29,25 +28,6 @@ TRAINER_DEFAULTS = {
     # The data module gives each rank its own shards; a distributed sampler would split them again.
     "use_distributed_sampler": False,
 }
-
-
-def bound_heap_growth(threshold: int = 4 << 20) -> None:
-    """Serve allocations above ``threshold`` bytes by mmap, so freed activations go back to the OS.
-
-    glibc raises its mmap threshold each time a large block is freed; activation tensors of varying
-    sizes then come from the heap and fragment it, and peak RSS grows with the number of batches.
-    Measured on CPU (tests/benchmarks/RESULTS.md), peak RSS for 4x the data: +37% by default, +6%
-    with a fixed 4 MiB threshold (+3% with 1 MiB, but large tensors then fault in afresh and the
-    export ran 25% slower; 4 MiB cost about 8%).
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc
-        return
-    m_mmap_threshold = -3
-    libc.mallopt(m_mmap_threshold, threshold)
 
 
 class _RankFilter(logging.Filter):
@@ -82,7 +62,6 @@ class ActLightningCLI(LightningCLI):
     """LightningCLI with four sections: ``model``, ``data``, ``writer`` (forced callback) and ``trainer``."""
 
     def __init__(self, args: ArgsType = None, run: bool = True) -> None:
-        bound_heap_growth()
         super().__init__(
             ActivationModule,
             ActivationDataModule,
