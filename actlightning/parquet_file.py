@@ -8,12 +8,13 @@ exploit: no nulls and every inner list the same width. Their levels are then a f
 token and their values are the raw little-endian buffer, so a page costs one ``write`` of memory
 that is already laid out.
 
-How: each row group is first written by pyarrow into memory with every fast column replaced by
-nulls. That mini file supplies the schema, the Arrow and HF metadata, and the encoded small columns
-(ids, tokens, labels of any type), whose bytes are copied with their offsets moved. The fast
-columns' chunks are written here, and the footer is rebuilt from Arrow's own, decoded and encoded
-again with the Thrift compact protocol. A vector column that does not have that shape in some
-batch (nulls, ragged widths), or any column when compression is on, is left to pyarrow.
+How: the schema, the Arrow and HF metadata and the footer's other fields come from an empty file
+pyarrow writes first. For each row group, pyarrow writes the other columns (ids, tokens, labels of
+any type) into memory; their chunks are copied with their offsets moved, the vector chunks are
+written here, in schema order, and at the end the footer is rebuilt from Arrow's own, decoded and
+encoded again with the Thrift compact protocol. A vector column that does not have that shape in
+some batch (nulls, ragged widths, a row over 2 GiB), or any column when compression is on, is left
+to pyarrow.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import pyarrow.parquet as pq
 
 MAGIC = b"PAR1"
 PAGE_BYTES = 1 << 20  # values per data page (Arrow's default page size); pages hold whole rows
+MAX_PAGE_BYTES = (1 << 31) - (1 << 20)  # page sizes are int32 in the page header (with levels)
 
 # Thrift compact protocol type codes.
 T_TRUE, T_FALSE, T_BYTE, T_I16, T_I32, T_I64, T_DOUBLE, T_BINARY, T_LIST, T_SET, T_MAP, T_STRUCT = range(1, 13)
@@ -176,7 +178,7 @@ FMD_SCHEMA, FMD_NUM_ROWS, FMD_ROW_GROUPS, FMD_KEY_VALUE = 2, 3, 4, 5
 # SchemaElement
 SE_NAME, SE_NUM_CHILDREN = 4, 5
 # RowGroup
-RG_COLUMNS, RG_TOTAL_BYTES, RG_FILE_OFFSET, RG_TOTAL_COMPRESSED = 1, 2, 5, 6
+RG_COLUMNS, RG_TOTAL_BYTES, RG_NUM_ROWS, RG_FILE_OFFSET, RG_TOTAL_COMPRESSED = 1, 2, 3, 5, 6
 # ColumnChunk
 CC_FILE_OFFSET, CC_META = 2, 3
 CC_INDEX_FIELDS = (4, 5, 6, 7)  # offset/column index: never written (write_page_index is off)
@@ -226,29 +228,28 @@ def _vector_leaf(field: pa.Field, column: pq.ColumnSchema) -> _VectorLeaf | None
     return _VectorLeaf(depth, column.max_definition_level, physical, np.dtype(dtypes[0]), np.dtype(dtypes[1]))
 
 
-def _first_leaves(elements: Sequence[Struct]) -> dict[str, int]:
-    """Top-level column name -> index of its first leaf column, from Parquet's flattened schema tree.
+def _leaf_paths(elements: Sequence[Struct]) -> list[list[bytes]]:
+    """The path of every leaf column, in file order, from Parquet's flattened schema tree.
 
-    (Names may hold dots, so the dotted leaf paths cannot be split.)
+    (Names may hold dots, so pyarrow's dotted paths cannot be split.)
     """
-    first: dict[str, int] = {}
+    paths: list[list[bytes]] = []
 
-    def subtree(position: int) -> tuple[int, int]:  # -> (position after it, leaves in it)
+    def subtree(position: int, prefix: list[bytes]) -> int:  # -> position after the subtree
+        path = [*prefix, elements[position][SE_NAME][1]]
         children = elements[position].get(SE_NUM_CHILDREN, (T_I32, None))[1]
         if children is None:
-            return position + 1, 1
-        leaves, position = 0, position + 1
+            paths.append(path)
+            return position + 1
+        position += 1
         for _ in range(children):
-            position, count = subtree(position)
-            leaves += count
-        return position, leaves
+            position = subtree(position, path)
+        return position
 
-    position, leaf = 1, 0
+    position = 1
     for _ in range(elements[0][SE_NUM_CHILDREN][1]):
-        first[elements[position][SE_NAME][1].decode()] = leaf
-        position, count = subtree(position)
-        leaf += count
-    return first
+        position = subtree(position, [])
+    return paths
 
 
 def _vector_values(array: pa.Array, leaf: _VectorLeaf) -> tuple[np.ndarray, np.ndarray, int] | None:
@@ -272,6 +273,8 @@ def _vector_values(array: pa.Array, leaf: _VectorLeaf) -> tuple[np.ndarray, np.n
         values = inner.flatten()
     if values.null_count or width < 1:
         return None
+    if int(lengths.max(initial=0)) * width * leaf.stored_dtype.itemsize > MAX_PAGE_BYTES:
+        return None  # a page holds at least one row, and page sizes are 32-bit
     return values.to_numpy(zero_copy_only=True).view(leaf.value_dtype), lengths, width
 
 
@@ -288,14 +291,18 @@ class VectorParquetWriter:
         template = self._mini_file(schema.empty_table())
         self._footer = self._decode_footer(template)
         parquet_schema = pq.read_metadata(pa.BufferReader(template)).schema
+        self._paths = _leaf_paths(self._footer[FMD_SCHEMA][1][1])
+        # Top-level column -> its leaf columns' indexes, in file order.
+        self._field_leaves: dict[str, list[int]] = {}
+        for index, leaf_path in enumerate(self._paths):
+            self._field_leaves.setdefault(leaf_path[0].decode(), []).append(index)
         self._leaves: dict[str, _VectorLeaf] = {}
         if self.options.get("compression", "none") in ("none", None):
-            first_leaf = _first_leaves(self._footer[FMD_SCHEMA][1][1])
             for field in schema:
-                if field.name in first_leaf:
-                    leaf = _vector_leaf(field, parquet_schema.column(first_leaf[field.name]))
-                    if leaf is not None:
-                        self._leaves[field.name] = leaf
+                indexes = self._field_leaves[field.name]
+                leaf = _vector_leaf(field, parquet_schema.column(indexes[0])) if len(indexes) == 1 else None
+                if leaf is not None:
+                    self._leaves[field.name] = leaf
         self._row_groups: list[Struct] = []
         self._rows = 0
         self._extra_metadata: dict[str, str] = {}
@@ -330,47 +337,51 @@ class VectorParquetWriter:
         if not table.schema.equals(self.schema):
             raise ValueError("table schema differs from the file's schema")
         fast: dict[str, list[tuple[np.ndarray, np.ndarray, int]]] = {}
-        columns = []
-        for field, column in zip(table.schema, table.columns):
-            leaf = self._leaves.get(field.name)
-            chunks = [_vector_values(chunk, leaf) for chunk in column.chunks] if leaf else [None]
-            if leaf and all(chunk is not None for chunk in chunks):
-                fast[field.name] = chunks
-                storage = field.type.storage_type if isinstance(field.type, pa.ExtensionType) else field.type
-                placeholder = pa.nulls(table.num_rows, storage)
-                if isinstance(field.type, pa.ExtensionType):
-                    placeholder = pa.ExtensionArray.from_storage(field.type, placeholder)
-                columns.append(placeholder)
-            else:
-                columns.append(column)
-        mini = self._mini_file(pa.Table.from_arrays(columns, schema=table.schema))
-        footer = self._decode_footer(mini)
-        row_groups = footer[FMD_ROW_GROUPS][1][1]
-        if len(row_groups) != 1:
-            raise AssertionError(f"expected one row group from pyarrow, got {len(row_groups)}")
-        row_group = row_groups[0]
-        source = memoryview(mini)
-        copied = 0
+        for name, column in zip(table.column_names, table.columns):
+            if name in self._leaves:
+                chunks = [_vector_values(chunk, self._leaves[name]) for chunk in column.chunks]
+                if all(chunk is not None for chunk in chunks):
+                    fast[name] = chunks
+        # pyarrow encodes the other columns into memory; their chunks are copied in schema order.
+        row_group: Struct = {RG_NUM_ROWS: _i64(table.num_rows)}
+        arrow_chunks: list[Struct] = []
+        rest = [name for name in table.column_names if name not in fast]
+        if rest:
+            mini = self._mini_file(table.select(rest))
+            source = memoryview(mini)
+            row_groups = self._decode_footer(mini)[FMD_ROW_GROUPS][1][1]
+            if len(row_groups) != 1:
+                raise AssertionError(f"expected one row group from pyarrow, got {len(row_groups)}")
+            row_group = row_groups[0]
+            arrow_chunks = row_group[RG_COLUMNS][1][1]
+            footer_size = int.from_bytes(source[-8:-4], "little")
+            if sum(chunk[CC_META][1][CMD_COMPRESSED][1] for chunk in arrow_chunks) != len(mini) - 12 - footer_size:
+                raise AssertionError("pyarrow's column chunks do not tile its file")
+        pending = iter(arrow_chunks)
         start_of_group = self._pos
-        for chunk in row_group[RG_COLUMNS][1][1]:
-            meta = chunk[CC_META][1]
-            if any(key in chunk for key in CC_INDEX_FIELDS) or CMD_BLOOM_OFFSET in meta:
-                raise AssertionError("page indexes and bloom filters are not supported")
-            start = meta[CMD_DICT_OFFSET][1] if CMD_DICT_OFFSET in meta else meta[CMD_DATA_OFFSET][1]
-            size = meta[CMD_COMPRESSED][1]
-            copied += size
-            name = meta[CMD_PATH][1][1][0].decode()
+        columns: list[Struct] = []
+        for name in table.column_names:
             if name in fast:
-                chunk[CC_META] = (T_STRUCT, self._write_vector_chunk(meta, self._leaves[name], fast[name]))
+                path = self._paths[self._field_leaves[name][0]]
+                meta = self._write_vector_chunk(path, self._leaves[name], fast[name])
+                columns.append({CC_FILE_OFFSET: _i64(0), CC_META: (T_STRUCT, meta)})
                 continue
-            shift = self._pos - start
-            self._write(source[start : start + size])
-            for key in (CMD_DATA_OFFSET, CMD_DICT_OFFSET, CMD_INDEX_OFFSET):
-                if key in meta:
-                    meta[key] = _i64(meta[key][1] + shift)
-        if copied != len(mini) - len(MAGIC) - 8 - int.from_bytes(source[-8:-4], "little"):
-            raise AssertionError("pyarrow's column chunks do not tile its file")
-        metas = [chunk[CC_META][1] for chunk in row_group[RG_COLUMNS][1][1]]
+            for index in self._field_leaves[name]:
+                chunk = next(pending)
+                meta = chunk[CC_META][1]
+                if meta[CMD_PATH][1][1] != self._paths[index]:
+                    raise AssertionError(f"pyarrow's column chunk {meta[CMD_PATH][1][1]} is out of schema order")
+                if any(key in chunk for key in CC_INDEX_FIELDS) or CMD_BLOOM_OFFSET in meta:
+                    raise AssertionError("page indexes and bloom filters are not supported")
+                start = meta[CMD_DICT_OFFSET][1] if CMD_DICT_OFFSET in meta else meta[CMD_DATA_OFFSET][1]
+                shift = self._pos - start
+                self._write(source[start : start + meta[CMD_COMPRESSED][1]])
+                for key in (CMD_DATA_OFFSET, CMD_DICT_OFFSET, CMD_INDEX_OFFSET):
+                    if key in meta:
+                        meta[key] = _i64(meta[key][1] + shift)
+                columns.append(chunk)
+        metas = [chunk[CC_META][1] for chunk in columns]
+        row_group[RG_COLUMNS] = (T_LIST, (T_STRUCT, columns))
         row_group[RG_TOTAL_BYTES] = _i64(sum(meta[CMD_UNCOMPRESSED][1] for meta in metas))
         row_group[RG_TOTAL_COMPRESSED] = _i64(sum(meta[CMD_COMPRESSED][1] for meta in metas))
         row_group[RG_FILE_OFFSET] = _i64(start_of_group)
@@ -382,7 +393,7 @@ class VectorParquetWriter:
         self._pos += len(data)
 
     def _write_vector_chunk(
-        self, placeholder: Struct, leaf: _VectorLeaf, chunks: Sequence[tuple[np.ndarray, np.ndarray, int]]
+        self, path: list[bytes], leaf: _VectorLeaf, chunks: Sequence[tuple[np.ndarray, np.ndarray, int]]
     ) -> Struct:
         """Write one column chunk as DATA_PAGE_V2 pages of whole rows; return its ColumnMetaData."""
         first_offset = self._pos
@@ -429,7 +440,7 @@ class VectorParquetWriter:
         return {
             1: _i32(leaf.physical_type),
             2: (T_LIST, (T_I32, [RLE, PLAIN])),
-            CMD_PATH: placeholder[CMD_PATH],
+            CMD_PATH: (T_LIST, (T_BINARY, path)),
             4: _i32(0),  # UNCOMPRESSED
             5: _i64(num_values),
             CMD_UNCOMPRESSED: _i64(total),

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from datasets import Value
+from datasets import List, Value
 
 from actlightning import parquet_file
 from actlightning.parquet_file import VectorParquetWriter, decode_struct, encode_struct
@@ -22,7 +22,9 @@ WIDTHS = {"layer_0": 7, "layer_2": 1, "hook_blocks.0.mlp": 33}
 def _batches(dtype: str, layout: str, seed: int = 0, count: int = 3) -> tuple[pa.Schema, list[pa.Table]]:
     """``count`` predicted batches with random lengths (1 included), string labels with a null."""
     rng = np.random.default_rng(seed)
-    schema = build_schema(build_features(WIDTHS, dtype, {"Site": Value("string")}, layout), dtype)
+    # A struct label between the base and vector columns: several leaves to keep in order.
+    labels = {"Site": Value("string"), "Meta": {"elo": Value("int64"), "tags": List(Value("string"))}}
+    schema = build_schema(build_features(WIDTHS, dtype, labels, layout), dtype)
     tables = []
     for index in range(count):
         lengths = torch.tensor([1, *rng.integers(1, 50, size=4)])
@@ -34,7 +36,8 @@ def _batches(dtype: str, layout: str, seed: int = 0, count: int = 3) -> tuple[pa
             "input_ids": torch.tensor(rng.integers(0, 90, size=tokens), dtype=torch.int32),
             "layers": {name: torch.randn(tokens, width).to(getattr(torch, dtype)) for name, width in WIDTHS.items()},
         }
-        labels = pa.table({"Site": pa.array(["a", None, "ccc", "", "e"])})
+        meta = [{"elo": 1200 + i, "tags": ["x"] * i} for i in range(4)] + [None]
+        labels = pa.table({"Site": pa.array(["a", None, "ccc", "", "e"]), "Meta": pa.array(meta, schema.field("Meta").type)})
         tables.append(batch_to_table(prediction, schema, labels, layout))
     return schema, tables
 
@@ -90,19 +93,41 @@ def test_chunked_and_permuted_tables_are_written_exactly(tmp_path):
     assert direct.equals(arrow) and direct.equals(table)
 
 
-def test_other_shapes_and_compression_fall_back_to_pyarrow(tmp_path):
+def test_other_shapes_and_compression_fall_back_to_pyarrow(tmp_path, monkeypatch):
     # A null vector and a ragged list<list<float32>>: pyarrow writes that column, for that batch only.
     schema = pa.schema([("example_id", pa.int64()), ("layer_0", pa.list_(pa.list_(pa.float32())))])
     good = pa.table({"example_id": [0, 1], "layer_0": [[[1.0, 2.0]], [[3.0, 4.0], [5.0, 6.0]]]}, schema=schema)
     null = pa.table({"example_id": [2, 3], "layer_0": [None, [[7.0, 8.0]]]}, schema=schema)
     ragged = pa.table({"example_id": [4], "layer_0": [[[1.0], [2.0, 3.0]]]}, schema=schema)
     empty_row = pa.table({"example_id": [5], "layer_0": [[]]}, schema=schema)
-    writer = VectorParquetWriter(tmp_path / "mixed.parquet", schema, {"compression": "none", "data_page_version": "2.0"})
+    options = {"compression": "none", "data_page_version": "2.0"}
+    writer = VectorParquetWriter(tmp_path / "mixed.parquet", schema, options)
     assert writer.fast_columns == ["layer_0"]
     for table in (good, null, ragged, empty_row):
         writer.write_table(table)
     writer.close()
     assert pq.read_table(tmp_path / "mixed.parquet").equals(pa.concat_tables([good, null, ragged, empty_row]))
+
+    # A row too large for one 32-bit page goes to pyarrow, which may split it.
+    monkeypatch.setattr(parquet_file, "MAX_PAGE_BYTES", 12)
+    big = pa.table({"example_id": [6], "layer_0": [[[1.0, 2.0], [3.0, 4.0]]]}, schema=schema)  # 16 bytes
+    small = pa.table({"example_id": [7, 8], "layer_0": [[[1.0, 2.0]], [[5.0, 6.0]]]}, schema=schema)  # 8 bytes a row
+    direct = []
+    original = VectorParquetWriter._write_vector_chunk
+    monkeypatch.setattr(VectorParquetWriter, "_write_vector_chunk", lambda self, *a: direct.append(1) or original(self, *a))
+    writer = VectorParquetWriter(tmp_path / "big.parquet", schema, options)
+    writer.write_table(big)
+    writer.write_table(small)
+    writer.close()
+    assert len(direct) == 1, "only the small rows were written directly"
+    assert pq.read_table(tmp_path / "big.parquet").equals(pa.concat_tables([big, small]))
+
+    # Nothing but vector columns: no pyarrow chunks in the row group at all.
+    only = pa.schema([("layer_0", pa.list_(pa.list_(pa.float32())))])
+    writer = VectorParquetWriter(tmp_path / "only.parquet", only, options)
+    writer.write_table(good.select(["layer_0"]))
+    writer.close()
+    assert pq.read_table(tmp_path / "only.parquet").equals(good.select(["layer_0"]))
 
     schema, tables = _batches("float16", "sequence")
     writer, direct, arrow = _write_both(tmp_path, schema, tables, compression="zstd")
@@ -129,7 +154,7 @@ def test_write_error_in_a_vector_page_removes_the_partial_shard(tmp_path, monkey
 
     def failing(self, data):
         calls.append(1)
-        if len(calls) == 9:  # inside the first vector column chunk
+        if len(calls) == 9:  # in the vector column chunks, which follow the 6 chunks from pyarrow
             raise OSError(errno.ENOSPC, "No space left on device")
         original(self, data)
 
