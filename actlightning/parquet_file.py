@@ -205,16 +205,15 @@ class _VectorLeaf:
 
 def _vector_leaf(field: pa.Field, column: pq.ColumnSchema) -> _VectorLeaf | None:
     """The fast layout of ``field``, or None when pyarrow should write it."""
-    kind = field.type.storage_type if isinstance(field.type, pa.ExtensionType) else field.type
-    depth = 0
-    while pa.types.is_list(kind) or pa.types.is_fixed_size_list(kind):
-        if depth == 1 and pa.types.is_fixed_size_list(kind):
-            return None
-        kind = kind.value_type
-        depth += 1
-    if depth == 1 and not pa.types.is_fixed_size_list(field.type):
-        return None  # list<x> of free length: not a vector column
-    if depth not in (1, 2) or column.max_repetition_level != depth or not field.nullable:
+    outer = field.type.storage_type if isinstance(field.type, pa.ExtensionType) else field.type
+    # The two shapes this tool writes: list<list<x>> (sequence layout), fixed_size_list<x> (token layout).
+    if pa.types.is_list(outer) and pa.types.is_list(outer.value_type):
+        depth, kind = 2, outer.value_type.value_type
+    elif pa.types.is_fixed_size_list(outer):
+        depth, kind = 1, outer.value_type
+    else:
+        return None
+    if column.max_repetition_level != depth or not field.nullable:
         return None
     physical = {"FLOAT": FLOAT, "FIXED_LEN_BYTE_ARRAY": FIXED_LEN_BYTE_ARRAY, "INT32": INT32}.get(column.physical_type)
     layouts = {

@@ -122,6 +122,15 @@ def test_other_shapes_and_compression_fall_back_to_pyarrow(tmp_path, monkeypatch
     assert len(direct) == 1, "only the small rows were written directly"
     assert pq.read_table(tmp_path / "big.parquet").equals(pa.concat_tables([big, small]))
 
+    # Shapes this tool does not write stay with pyarrow.
+    shapes = pa.schema([("a", pa.list_(pa.list_(pa.float32(), 2))), ("b", pa.list_(pa.float32(), 2)), ("c", pa.list_(pa.float16()))])
+    table = pa.table({"a": [[[1.0, 2.0]]], "b": [[3.0, 4.0]], "c": [[5.0]]}, schema=shapes)
+    writer = VectorParquetWriter(tmp_path / "shapes.parquet", shapes, options)
+    assert writer.fast_columns == ["b"]
+    writer.write_table(table)
+    writer.close()
+    assert pq.read_table(tmp_path / "shapes.parquet").equals(table)
+
     # Nothing but vector columns: no pyarrow chunks in the row group at all.
     only = pa.schema([("layer_0", pa.list_(pa.list_(pa.float32())))])
     writer = VectorParquetWriter(tmp_path / "only.parquet", only, options)
