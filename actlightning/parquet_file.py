@@ -338,7 +338,7 @@ class VectorParquetWriter:
         fast: dict[str, list[tuple[np.ndarray, np.ndarray, int]]] = {}
         for name, column in zip(table.column_names, table.columns):
             if name in self._leaves:
-                chunks = [_vector_values(chunk, self._leaves[name]) for chunk in column.chunks]
+                chunks = [_vector_values(chunk, self._leaves[name]) for chunk in column.chunks if len(chunk)]
                 if all(chunk is not None for chunk in chunks):
                     fast[name] = chunks
         # pyarrow encodes the other columns into memory; their chunks are copied in schema order.

@@ -42,6 +42,14 @@ def _batches(dtype: str, layout: str, seed: int = 0, count: int = 3) -> tuple[pa
     return schema, tables
 
 
+def _count_direct_chunks(monkeypatch) -> list:
+    """A list that grows by one each time a vector column chunk is written directly."""
+    calls = []
+    original = VectorParquetWriter._write_vector_chunk
+    monkeypatch.setattr(VectorParquetWriter, "_write_vector_chunk", lambda self, *a: calls.append(1) or original(self, *a))
+    return calls
+
+
 def _write_both(tmp_path, schema, tables, compression="none"):
     options = parquet_options(schema, compression, list(WIDTHS))
     writer = VectorParquetWriter(tmp_path / "direct.parquet", schema, options)
@@ -60,11 +68,7 @@ def _write_both(tmp_path, schema, tables, compression="none"):
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 def test_direct_file_reads_back_equal_to_pyarrows(tmp_path, monkeypatch, dtype, layout):
     monkeypatch.setattr(parquet_file, "PAGE_BYTES", 512)  # many pages per column chunk, rows never split
-    chunks = []
-    original = VectorParquetWriter._write_vector_chunk
-    monkeypatch.setattr(
-        VectorParquetWriter, "_write_vector_chunk", lambda self, *a: chunks.append(1) or original(self, *a)
-    )
+    chunks = _count_direct_chunks(monkeypatch)
     schema, tables = _batches(dtype, layout)
     writer, direct, arrow = _write_both(tmp_path, schema, tables)
     assert writer.fast_columns == list(WIDTHS)
@@ -82,14 +86,17 @@ def test_direct_file_reads_back_equal_to_pyarrows(tmp_path, monkeypatch, dtype, 
         assert pq.ParquetFile(tmp_path / "direct.parquet").read_row_group(index).equals(table)
 
 
-def test_chunked_and_permuted_tables_are_written_exactly(tmp_path):
+@pytest.mark.parametrize("layout", ["sequence", "token"])
+def test_chunked_and_permuted_tables_are_written_exactly(tmp_path, monkeypatch, layout):
     """The shuffle buffer writes ``concat_tables(...).take(...)``: several chunks, rows permuted."""
-    schema, tables = _batches("float16", "token", seed=1)
+    schema, tables = _batches("float16", layout, seed=1)
     table = pa.concat_tables(tables)
     table = table.take(pa.array(np.random.default_rng(0).permutation(table.num_rows)))
-    table = pa.concat_tables([table.slice(0, 17), table.slice(17)])
-    assert table.column("layer_0").num_chunks == 2
+    table = pa.concat_tables([table.slice(0, 7), table.slice(7, 0), table.slice(7)])  # an empty chunk too
+    assert table.column("layer_0").num_chunks == 3
+    chunks = _count_direct_chunks(monkeypatch)
     _, direct, arrow = _write_both(tmp_path, schema, [table])
+    assert len(chunks) == len(WIDTHS)
     assert direct.equals(arrow) and direct.equals(table)
 
 
@@ -112,9 +119,7 @@ def test_other_shapes_and_compression_fall_back_to_pyarrow(tmp_path, monkeypatch
     monkeypatch.setattr(parquet_file, "MAX_PAGE_BYTES", 12)
     big = pa.table({"example_id": [6], "layer_0": [[[1.0, 2.0], [3.0, 4.0]]]}, schema=schema)  # 16 bytes
     small = pa.table({"example_id": [7, 8], "layer_0": [[[1.0, 2.0]], [[5.0, 6.0]]]}, schema=schema)  # 8 bytes a row
-    direct = []
-    original = VectorParquetWriter._write_vector_chunk
-    monkeypatch.setattr(VectorParquetWriter, "_write_vector_chunk", lambda self, *a: direct.append(1) or original(self, *a))
+    direct = _count_direct_chunks(monkeypatch)
     writer = VectorParquetWriter(tmp_path / "big.parquet", schema, options)
     writer.write_table(big)
     writer.write_table(small)
