@@ -288,7 +288,7 @@ class VectorParquetWriter:
         self.schema = schema
         self.options = dict(options)
         template = self._mini_file(schema.empty_table())
-        self._footer = self._decode_footer(template)
+        self._footer, _ = self._decode_footer(template)
         parquet_schema = pq.read_metadata(pa.BufferReader(template)).schema
         self._paths = _leaf_paths(self._footer[FMD_SCHEMA][1][1])
         # Top-level column -> its leaf columns' indexes, in file order.
@@ -322,12 +322,13 @@ class VectorParquetWriter:
         return sink.getvalue()
 
     @staticmethod
-    def _decode_footer(data: pa.Buffer) -> Struct:
+    def _decode_footer(data: pa.Buffer) -> tuple[Struct, int]:
+        """(FileMetaData, where the column chunks end) of a whole Parquet file in memory."""
         view = memoryview(data)
         if bytes(view[-4:]) != MAGIC:
             raise ValueError("not a Parquet file")
-        size = int.from_bytes(view[-8:-4], "little")
-        return decode_struct(bytes(view[-8 - size : -8]))
+        chunks_end = len(view) - 8 - int.from_bytes(view[-8:-4], "little")
+        return decode_struct(bytes(view[chunks_end:-8])), chunks_end
 
     def write_table(self, table: pa.Table) -> None:
         """Append ``table`` as one row group."""
@@ -348,13 +349,13 @@ class VectorParquetWriter:
         if rest:
             mini = self._mini_file(table.select(rest))
             source = memoryview(mini)
-            row_groups = self._decode_footer(mini)[FMD_ROW_GROUPS][1][1]
+            footer, chunks_end = self._decode_footer(mini)
+            row_groups = footer[FMD_ROW_GROUPS][1][1]
             if len(row_groups) != 1:
                 raise AssertionError(f"expected one row group from pyarrow, got {len(row_groups)}")
             row_group = row_groups[0]
             arrow_chunks = row_group[RG_COLUMNS][1][1]
-            footer_size = int.from_bytes(source[-8:-4], "little")
-            if sum(chunk[CC_META][1][CMD_COMPRESSED][1] for chunk in arrow_chunks) != len(mini) - 12 - footer_size:
+            if sum(chunk[CC_META][1][CMD_COMPRESSED][1] for chunk in arrow_chunks) != chunks_end - len(MAGIC):
                 raise AssertionError("pyarrow's column chunks do not tile its file")
         pending = iter(arrow_chunks)
         start_of_group = self._pos

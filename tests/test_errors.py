@@ -56,6 +56,7 @@ CASES = {
     "max-shards-zero": _case({"writer.max_shards": 0}, message="writer.max_shards must be a positive integer"),
     "unknown-dtype": _case({"model.dtype": "float8"}, message="float8"),
     "unknown-output-dtype": _case({"model.output_dtype": "int8"}, message="int8"),
+    "unknown-vector-encoder": _case({"writer.vector_encoder": "fast"}, message='Parser key "writer.vector_encoder"'),
     "checkpoint-missing": _case({"model.checkpoint": "/nonexistent/model"}, message="model.checkpoint '/nonexistent/model' is not a folder"),
     "hub-id-offline": _case({"model.checkpoint": "someone/not-cached"}, message="model.checkpoint 'someone/not-cached' could not be loaded"),
     "split-missing": _case({"data.split": "test"}, message="data.split 'test' does not exist; the splits are ['train']"),

@@ -164,16 +164,24 @@ def test_thrift_footer_reencodes_byte_for_byte(tmp_path):
 def test_write_error_in_a_vector_page_removes_the_partial_shard(tmp_path, monkeypatch):
     schema, tables = _batches("float16", "sequence")
     shard = ShardFile(tmp_path, 0, 0, schema, parquet_options(schema, "none", list(WIDTHS)))
-    original, calls = VectorParquetWriter._write, []
+    original_write, original_chunk = VectorParquetWriter._write, VectorParquetWriter._write_vector_chunk
+    events = []  # "chunk" when a vector chunk starts, then one "write" per piece written in it
+
+    def chunk(self, *args):
+        events.append("chunk")
+        return original_chunk(self, *args)
 
     def failing(self, data):
-        calls.append(1)
-        if len(calls) == 9:  # in the vector column chunks, which follow the 6 chunks from pyarrow
-            raise OSError(errno.ENOSPC, "No space left on device")
-        original(self, data)
+        if events:
+            events.append("write")
+            if events == ["chunk", "write", "write"]:  # the first page's header is out; its levels fail
+                raise OSError(errno.ENOSPC, "No space left on device")
+        original_write(self, data)
 
+    monkeypatch.setattr(VectorParquetWriter, "_write_vector_chunk", chunk)
     monkeypatch.setattr(VectorParquetWriter, "_write", failing)
     with pytest.raises(OSError, match="No space left"):
         shard.write(tables[0], 10)
+    assert events == ["chunk", "write", "write"]
     shard.abort()
     assert list(tmp_path.iterdir()) == []
