@@ -13,6 +13,12 @@ def _describe_type(field: pa.Field) -> str:
     return str(field.type.storage_type if isinstance(field.type, pa.ExtensionType) else field.type)
 
 
+def _given(**settings: object) -> str:
+    """`` (config `x`, revision `y`)`` for the settings that are set; nothing when none is."""
+    given = [f"{name.replace('_', ' ')} `{value}`" for name, value in settings.items() if value is not None]
+    return f" ({', '.join(given)})" if given else ""
+
+
 def render_card(manifest: dict, schema: pa.Schema, folder: Path) -> str:
     """Markdown with Hub front matter: what model and data, which layers, the schema, how to load it."""
     settings, totals = manifest["settings"], manifest["totals"]
@@ -33,10 +39,10 @@ tags:
 
 # Activations of `{model["checkpoint"]}`
 
-Hidden states exported with [actlightning](https://pypi.org/project/actlightning/) from
-`{model["checkpoint"]}` (revision `{model["revision"]}`, compute dtype `{model["dtype"]}`), run over the
-`{data["split"]}` split of `{data["path"]}` (config `{data["name"]}`, data files `{data["data_files"]}`),
-input column `{data["input_column"]}`.
+Hidden states exported with actlightning from `{model["checkpoint"]}`{_given(revision=model["revision"])}
+(compute dtype `{model["dtype"]}`), run over the `{data["split"]}` split of
+`{data["path"]}`{_given(config=data["name"], data_files=data["data_files"], revision=data["revision"])}, input column
+`{data["input_column"]}`.
 
 - Layout: **{layout}** ({"one row per sequence" if layout == "sequence" else "one row per token"})
 - Layers (HF `hidden_states` indices; the last includes the final norm): `{model["layers"]}`

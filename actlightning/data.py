@@ -108,7 +108,7 @@ class ActivationDataModule(LightningDataModule):
             shards are not ordered by length).
         auto_find_batch_size: On CUDA, find the largest ``batch_size`` (or ``max_tokens``) that fits,
             probing with the longest batch of the run and halving on out-of-memory. Ignored on CPU.
-        padding_side: Where padding goes in a batch. Both give identical activations (explicit position
+        padding_side: Where padding goes in a batch. Both equal the unpadded forward within float tolerance (explicit position
             ids and attention mask); ``right`` needs no masking for causal attention.
         num_workers: DataLoader worker processes for collation.
         tokenizer: Tokenizer to load; linked to ``model.checkpoint`` by the CLI.
@@ -218,10 +218,7 @@ class ActivationDataModule(LightningDataModule):
             builder = load_dataset_builder(self.path, self.name, data_files=self.data_files, revision=self.revision)
         except (FileNotFoundError, OSError, ValueError) as error:
             message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise ConfigError(
-                f"data.path {self.path!r} (name {self.name!r}, data_files {self.data_files!r}) could not be loaded: "
-                f"{message}"
-            ) from None
+            raise ConfigError(f"{self._source()} could not be loaded: {message}") from None
         splits = builder.info.splits
         if splits and self.split not in splits and "[" not in self.split:
             raise ConfigError(f"data.split {self.split!r} does not exist; the splits are {sorted(splits)}")
@@ -236,10 +233,13 @@ class ActivationDataModule(LightningDataModule):
                 raise ConfigError(
                     f"data.split {self.split!r} of data.path {self.path!r} is empty: there is nothing to export"
                 ) from None
-            raise ConfigError(
-                f"data.path {self.path!r} (data_files {self.data_files!r}, split {self.split!r}) could not be read: "
-                f"{type(cause).__name__}: {text}"
-            ) from None
+            raise ConfigError(f"{self._source()} could not be read: {type(cause).__name__}: {text}") from None
+
+    def _source(self) -> str:
+        """``data.path 'x' (data.name 'y', ...)`` naming only the settings that are set."""
+        given = [(k, getattr(self, k)) for k in ("name", "data_files", "revision") if getattr(self, k) is not None]
+        given.append(("split", self.split))
+        return f"data.path {self.path!r} ({', '.join(f'data.{k} {v!r}' for k, v in given)})"
 
     def _inputs(self, dataset: Dataset, positions: np.ndarray) -> list:
         """The input column at ``positions``: strings, or tuples of token ids when pre-tokenized."""

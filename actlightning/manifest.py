@@ -80,6 +80,7 @@ def build_manifest(
         "totals": {
             "shards": len(shards),
             "rows": sum(s.rows for s in shards),
+            "examples": sum(s.examples for s in shards),
             "tokens": sum(s.tokens for s in shards),
             "bytes": sum(s.bytes for s in shards),
         },

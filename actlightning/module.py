@@ -301,7 +301,8 @@ class ActivationModule(LightningModule):
     def _forward_splitting(self, batch: dict) -> dict:
         """Forward ``batch``; if it runs out of device memory, forward each half and join the results.
 
-        Rows never interact, so the halves give the same activations; a batch is never dropped.
+        Rows never interact, so the halves' activations equal the unpadded forward as the whole batch's
+        do (within float tolerance: another batch shape may round differently); a batch is never dropped.
         """
         try:
             return self._forward(batch)

@@ -8,6 +8,8 @@ from __future__ import annotations
 from lightning.pytorch.callbacks import TQDMProgressBar
 from typing_extensions import override
 
+from actlightning.humanize import human_bytes
+
 
 class TokenProgressBar(TQDMProgressBar):
     """Lightning's TQDM bar for ``predict``, whose total and position are this rank's tokens."""
@@ -38,5 +40,18 @@ class TokenProgressBar(TQDMProgressBar):
         self._tokens += batch["host_tokens"]
         bar.n = self._tokens
         # Shards are finished by the writer threads, so these trail the token count a little.
-        bar.set_postfix({"written": f"{writer.bytes_done / 1e6:,.1f} MB", "shards": writer.shards_done}, refresh=False)
+        self._show_written(writer)
         bar.refresh()
+
+    def _show_written(self, writer) -> None:
+        postfix = {"written": human_bytes(writer.bytes_done), "shards": writer.shards_done}
+        self.predict_progress_bar.set_postfix(postfix, refresh=False)
+
+    @override
+    def on_predict_end(self, trainer, pl_module) -> None:
+        # The writer finished its last shards in on_predict_epoch_end: show the final counts.
+        writer = self._writer(trainer)
+        if writer is not None and not self.is_disabled and self._predict_progress_bar is not None:
+            self._show_written(writer)
+            self.predict_progress_bar.refresh()
+        super().on_predict_end(trainer, pl_module)

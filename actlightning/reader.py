@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -75,7 +76,13 @@ def layer_vectors(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.nd
 
 
 def to_torch(vectors: np.ndarray, dtype: str) -> torch.Tensor:
-    """Vectors as a torch tensor in their stored dtype (bfloat16 decoded from its bit patterns)."""
+    """Vectors as a torch tensor in their stored dtype (bfloat16 decoded from its bit patterns).
+
+    Arrow's buffers are read-only; such vectors are copied, so the tensor may be changed in place
+    (``x -= mean``) without touching the table it came from.
+    """
+    if not vectors.flags.writeable:
+        vectors = vectors.copy()
     tensor = torch.from_numpy(np.ascontiguousarray(vectors))
     if dtype == "bfloat16":
         return tensor.view(torch.bfloat16)
@@ -129,13 +136,11 @@ class Export:
         in their stored dtype (``datasets``' own torch format would cast them to float32)."""
         from datasets import load_dataset
 
+        _register_formatter()
         dataset = load_dataset(
             "parquet", data_files=[str(f) for f in self.files], split="train", cache_dir=cache_dir
         )
         return dataset.with_format("actlightning", dtypes=self.dtypes)
-
-    def token_batches(self, column: str, batch_size: int, **kwargs) -> Iterator[torch.Tensor]:
-        return iter_token_batches(self.path, column, batch_size, **kwargs)
 
 
 def open_export(path: str | Path) -> Export:
@@ -150,8 +155,13 @@ def open_export(path: str | Path) -> Export:
     return Export(folder, json.loads(manifest_path.read_text()), pq.read_schema(files[0]), files)
 
 
+@functools.cache
 def _register_formatter() -> None:
-    """A ``datasets`` format that decodes vector columns to torch in their stored dtype."""
+    """A ``datasets`` format that decodes vector columns to torch in their stored dtype.
+
+    Registered on first use, not at import: ``import actlightning.reader`` stays free of ``datasets``
+    (it runs in every DataLoader worker of a training script that only streams token batches).
+    """
     from datasets.formatting import Formatter
 
     # datasets registers its own formats through this (private) function; there is no public one.
@@ -194,8 +204,6 @@ def _register_formatter() -> None:
 def _storage_type(arrow_type: pa.DataType) -> pa.DataType:
     return arrow_type.storage_type if isinstance(arrow_type, pa.ExtensionType) else arrow_type
 
-
-_register_formatter()
 
 
 def _row_group_units(files: list[Path]) -> list[tuple[Path, int]]:

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pyarrow as pa
 import torch
-from datasets import Array2D, Features, List, Value
+
+if TYPE_CHECKING:
+    from datasets import Features
 
 EXAMPLE_ID = "example_id"
 INPUT_IDS = "input_ids"
@@ -60,6 +62,9 @@ def build_features(
     ``widths``: vector column -> vector length. Sequence layout: one row per sequence, vectors as
     ``Array2D(shape=(None, width))``. Token layout: one row per token, vectors as fixed-length lists.
     """
+    # Imported here: the reader imports this module and must stay cheap to import.
+    from datasets import Array2D, Features, List, Value
+
     value_type = ARROW_VALUE_TYPES[storage_dtype]
     if layout == "sequence":
         features = {EXAMPLE_ID: Value("int64"), INPUT_IDS: List(Value("int32")), START_POSITION: Value("int32")}
@@ -164,7 +169,3 @@ def batch_to_table(
             )
     return pa.Table.from_arrays([columns[field.name] for field in schema], schema=schema)
 
-
-def features_from_schema(schema: pa.Schema) -> Features:
-    """HF features recorded in a shard's schema metadata."""
-    return Features.from_dict(json.loads(schema.metadata[b"huggingface"])["info"]["features"])

@@ -49,12 +49,15 @@ class ShardInfo:
     rows: int
     tokens: int
     bytes: int
+    # Sequences whose tokens the shard holds (= rows in the sequence layout).
+    examples: int
 
     @classmethod
     def read(cls, path: Path) -> ShardInfo:
         metadata = pq.read_metadata(path)
         extra = json.loads(metadata.metadata[SHARD_METADATA_KEY.encode()])
-        return cls(path.name, extra["shard_index"], metadata.num_rows, extra["tokens"], path.stat().st_size)
+        examples = extra.get("examples", metadata.num_rows)
+        return cls(path.name, extra["shard_index"], metadata.num_rows, extra["tokens"], path.stat().st_size, examples)
 
 
 def parquet_options(schema: pa.Schema, compression: Compression, vector_columns: list[str]) -> dict:
@@ -111,25 +114,28 @@ class ShardFile:
         self.tmp_path = folder / tmp_name(self.final_path.name)
         self.rows = 0
         self.tokens = 0
+        self.examples = 0
         file_class = VectorParquetWriter if vector_encoder == "direct" else ArrowParquetFile
         self._writer = file_class(self.tmp_path, schema, options)
 
-    def write(self, table: pa.Table, tokens: int) -> None:
+    def write(self, table: pa.Table, tokens: int, examples: int) -> None:
         self._writer.write_table(table)
         self.rows += table.num_rows
         self.tokens += tokens
+        self.examples += examples
 
     def close(self) -> ShardInfo:
         """Finish the file, flush it to disk, then make it visible under its final name."""
         self._writer.add_key_value_metadata(
-            {SHARD_METADATA_KEY: json.dumps({"shard_index": self.shard_index, "tokens": self.tokens})}
+            {SHARD_METADATA_KEY: json.dumps({"shard_index": self.shard_index, "tokens": self.tokens, "examples": self.examples})}
         )
         self._writer.close()
         with open(self.tmp_path, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(self.tmp_path, self.final_path)
         _fsync_dir(self.final_path.parent)
-        return ShardInfo(self.final_path.name, self.shard_index, self.rows, self.tokens, self.final_path.stat().st_size)
+        size = self.final_path.stat().st_size
+        return ShardInfo(self.final_path.name, self.shard_index, self.rows, self.tokens, size, self.examples)
 
     def abort(self) -> None:
         try:
@@ -154,7 +160,7 @@ class BackgroundShardWriter:
     """Writes whole shards on one background thread.
 
     ``submit`` blocks only when ``max_pending`` batches are queued, which bounds memory. ``encode``
-    turns a submitted item into ``(table, tokens)`` on the thread, so that waiting for a device copy
+    turns a submitted item into ``(table, tokens, examples)`` on the thread, so that waiting for a device copy
     and building Arrow arrays overlap the next forward pass. An error on the thread is raised by the
     next ``submit`` or by ``close``, so the run stops with it. ``on_shard_done`` is called on the
     thread with each finished shard's ``ShardInfo``.
@@ -215,7 +221,7 @@ class BackgroundShardWriter:
     def _write(self, shard_index: int, item: object, last_in_shard: bool) -> None:
         if self._current is not None and self._current.shard_index != shard_index:
             raise AssertionError(f"batch of shard {shard_index} arrived while shard {self._current.shard_index} is open")
-        table, tokens = self.encode(item)
+        table, tokens, examples = self.encode(item)
         if self._current is None:
             self._current = ShardFile(
                 self.folder, shard_index, self.rank, self.schema, self.options, self.vector_encoder
@@ -224,11 +230,11 @@ class BackgroundShardWriter:
         path = self._current.tmp_path
         try:
             if self.shuffle_buffer:
-                self._buffer.append((table, tokens))
+                self._buffer.append((table, tokens, examples))
                 if len(self._buffer) >= self.shuffle_buffer or last_in_shard:
                     self._write_shuffled()
             else:
-                self._current.write(table, tokens)
+                self._current.write(table, tokens, examples)
             if last_in_shard:
                 info = self._current.close()
                 self._current = None
@@ -243,12 +249,13 @@ class BackgroundShardWriter:
 
         The generator is seeded by (seed, shard, flush), so a shard's order never depends on threads.
         """
-        table = pa.concat_tables([t for t, _ in self._buffer])
-        tokens = sum(n for _, n in self._buffer)
+        table = pa.concat_tables([t for t, _, _ in self._buffer])
+        tokens = sum(n for _, n, _ in self._buffer)
+        examples = sum(e for _, _, e in self._buffer)
         self._buffer = []
         rng = np.random.default_rng([self.shuffle_seed, self._current.shard_index, self._flushes])
         self._flushes += 1
-        self._current.write(table.take(pa.array(rng.permutation(table.num_rows))), tokens)
+        self._current.write(table.take(pa.array(rng.permutation(table.num_rows))), tokens, examples)
 
     def raise_if_failed(self) -> None:
         if self._error is not None:

@@ -20,6 +20,7 @@ from typing_extensions import override
 
 from actlightning.card import render_card
 from actlightning.errors import ConfigError
+from actlightning.humanize import human_bytes, plural
 from actlightning.manifest import (
     CARD,
     CONFIG,
@@ -46,13 +47,33 @@ def _nearest_existing(path: Path) -> Path:
 
 
 def summary_text(manifest: dict, shards_this_run: int) -> str:
-    """The end-of-run summary: the same numbers as ``manifest.json``."""
+    """The end-of-run summary: the same numbers as ``manifest.json``.
+
+    Examples are sequences; rows are examples in the sequence layout and tokens in the token layout.
+    The forward pass runs every token of a sequence, the export keeps ``n_pos`` of them: both rates
+    are given, each named.
+    """
     totals, run, data = manifest["totals"], manifest.get("run", {}), manifest.get("data", {})
+    layout = manifest.get("settings", {}).get("layout", "sequence")
+    efficiency = data.get("padding_efficiency")
     return (
-        f"export complete: {totals['rows']:,} examples, {totals['tokens']:,} tokens, {totals['shards']} shards, "
-        f"{totals['bytes'] / 1e6:,.1f} MB; this run: {shards_this_run} shards in {run.get('seconds', 0):.1f} s, "
-        f"{run.get('tokens_per_second', 0):,.0f} tokens/s; padding efficiency {data.get('padding_efficiency')}; "
+        f"export complete: {plural(totals.get('examples', totals['rows']), 'example')}, "
+        f"{plural(totals['tokens'], 'token')} exported in {plural(totals['rows'], 'row')} ({layout} layout), "
+        f"{plural(totals['shards'], 'shard')}, {human_bytes(totals['bytes'])}. "
+        f"This run: {plural(shards_this_run, 'shard')} in {run.get('seconds', 0):.1f} s; "
+        f"forward pass {run.get('forward_tokens', 0):,} tokens at {run.get('forward_tokens_per_second', 0):,.0f} tokens/s, "
+        f"exported {run.get('exported_tokens', 0):,} tokens at {run.get('exported_tokens_per_second', 0):,.0f} tokens/s; "
+        f"padding efficiency {'n/a' if efficiency is None else f'{efficiency:.3f}'}; "
         f"rows removed by each step: {data.get('removed', {})}"
+    )
+
+
+def interrupted_text(output_dir: Path, shards_this_run: int) -> str:
+    """What Ctrl-C leaves behind, and how to go on."""
+    complete = len(shard_files(output_dir)) if output_dir.is_dir() else 0
+    return (
+        f"interrupted: {plural(complete, 'complete shard')} in {output_dir} ({shards_this_run} from this run); "
+        "the shard being written was discarded. Rerun the same command to resume where it stopped."
     )
 
 
@@ -90,7 +111,7 @@ class ParquetShardWriter(BasePredictionWriter):
 
     def __init__(
         self,
-        output_dir: Path,
+        output_dir: str | Path,
         batches_per_shard: int = 100,
         max_shards: int | None = None,
         overwrite: bool = False,
@@ -131,10 +152,13 @@ class ParquetShardWriter(BasePredictionWriter):
         self.dry_run = dry_run
         self.ignore_free_space = ignore_free_space
         self.tokens_submitted = 0
+        self.tokens_exported = 0
         self.bytes_done = 0
         self.shards_done = 0
         # Set by the CLI: the resolved config, saved as config.yaml next to the shards.
         self.config_yaml: str | None = None
+        # Set by plan_export: the cost estimate, also kept in manifest.json.
+        self.plan: dict | None = None
         self._writer: ShardWriterPool | None = None
         self._known: dict[str, ShardInfo] = {}
 
@@ -181,15 +205,17 @@ class ParquetShardWriter(BasePredictionWriter):
             "already_written_bytes": already,
             "free_bytes": free,
         }
+        self.plan = plan
         log.info(
-            "plan: %d examples, %d tokens to export, %d vector columns (%s), %d bytes per token as %s -> about %.2f GB "
-            "in %d shards; %.2f GB already written; %.2f GB free at %s",
-            plan["examples"], plan["tokens"], len(widths), ", ".join(widths), per_token, pl_module.storage_dtype,
-            estimate / 1e9, len(shards), already / 1e9, free / 1e9, probe,
+            "plan: %s, %s to export, %s (%s), %s per token as %s -> about %s in %s; %s already written; "
+            "%s free at %s",
+            plural(plan["examples"], "example"), plural(plan["tokens"], "token"), plural(len(widths), "vector column"),
+            ", ".join(widths), plural(per_token, "byte"), pl_module.storage_dtype, human_bytes(estimate),
+            plural(len(shards), "shard"), human_bytes(already), human_bytes(free), probe,
         )
         if estimate - already > free and not self.ignore_free_space:
             raise ConfigError(
-                f"the export needs about {(estimate - already) / 1e9:.2f} GB but {probe} has {free / 1e9:.2f} GB free; "
+                f"the export needs about {human_bytes(estimate - already)} but {probe} has {human_bytes(free)} free; "
                 "free space, export less (model.layers, model.n_pos, data.limit, writer.max_shards), "
                 "or set writer.ignore_free_space: true"
             )
@@ -287,7 +313,8 @@ class ParquetShardWriter(BasePredictionWriter):
             for path in shard_files(self.output_dir):
                 if path.name not in self._known:
                     self._known[path.name] = ShardInfo.read(path)
-            extra = {"data": self._datamodule.summary(), **(extra or {})}
+            planned = {"plan": self.plan} if self.plan is not None else {}
+            extra = {"data": self._datamodule.summary(), **planned, **(extra or {})}
             manifest = build_manifest(self.settings, self._known.values(), complete, extra)
             write_json_atomic(self.output_dir / MANIFEST, manifest)
 
@@ -300,8 +327,9 @@ class ParquetShardWriter(BasePredictionWriter):
     @override
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._started = time.perf_counter()
-        self.tokens_submitted = self.bytes_done = self.shards_done = 0
+        self.tokens_submitted = self.tokens_exported = self.bytes_done = self.shards_done = 0
         self._writer = None
+        self._finished: list[ShardInfo] = []
 
     def _start_writers(self, trainer: Trainer, prediction: dict) -> None:
         widths = {column: prediction["layers"][column].shape[1] for column in self.vector_columns}
@@ -322,13 +350,14 @@ class ParquetShardWriter(BasePredictionWriter):
             vector_encoder=self.vector_encoder,
         )
 
-    def _encode(self, item: tuple[dict, pa.Table | None]) -> tuple[pa.Table, int]:
+    def _encode(self, item: tuple[dict, pa.Table | None]) -> tuple[pa.Table, int, int]:
         """On a writer thread: wait for the device copy, refuse NaN/overflow, build the Arrow table."""
         prediction, labels = item
         if prediction["ready"] is not None:
             prediction["ready"].synchronize()
         check_finite(prediction, self.storage_dtype)
-        return batch_to_table(prediction, self.schema, labels, self.layout), int(prediction["n_tokens"].sum())
+        table = batch_to_table(prediction, self.schema, labels, self.layout)
+        return table, int(prediction["n_tokens"].sum()), len(prediction["n_tokens"])
 
     @override
     def write_on_batch_end(
@@ -343,19 +372,38 @@ class ParquetShardWriter(BasePredictionWriter):
         self._writer.submit(prediction["shard_index"], (prediction, labels), prediction["last_in_shard"])
 
     @override
-    def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def on_predict_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_predict_epoch_end(trainer, pl_module)
+        # Every batch is in: finish the shards here, before on_predict_end, so that the progress bar
+        # (closed in its on_predict_end) shows the final shard count.
         writer, self._writer = self._writer, None
-        finished = writer.close() if writer is not None else []
+        self._finished = writer.close() if writer is not None else []
+        for info in self._finished:
+            self.tokens_exported += info.tokens
+
+    @override
+    def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         elapsed = time.perf_counter() - self._started
-        # Tokens of this run summed over ranks (also a barrier: every rank has finished its shards).
-        total = torch.tensor(float(self.tokens_submitted), device=trainer.strategy.root_device)
-        tokens = int(trainer.strategy.reduce(total, reduce_op="sum"))
+        # This run's numbers summed over ranks (also a barrier: every rank has finished its shards).
+        mine = torch.tensor(
+            [float(self.tokens_submitted), float(self.tokens_exported), float(len(self._finished))],
+            device=trainer.strategy.root_device,
+        )
+        forward, exported, shards = (int(x) for x in trainer.strategy.reduce(mine, reduce_op="sum").tolist())
         if trainer.is_global_zero:
-            run = {"seconds": round(elapsed, 3), "tokens": tokens, "tokens_per_second": round(tokens / max(elapsed, 1e-9), 1)}
+            seconds = max(elapsed, 1e-9)
+            run = {
+                "seconds": round(elapsed, 3),
+                "forward_tokens": forward,
+                "forward_tokens_per_second": round(forward / seconds, 1),
+                "exported_tokens": exported,
+                "exported_tokens_per_second": round(exported / seconds, 1),
+                "shards": shards,
+            }
             self._write_manifest(complete=True, extra={"run": run})
             manifest = read_manifest(self.output_dir)
             self._write_card(manifest)
-            log.info(summary_text(manifest, len(finished)))
+            log.info(summary_text(manifest, shards))
 
     def _write_card(self, manifest: dict) -> None:
         files = shard_files(self.output_dir)
@@ -368,3 +416,5 @@ class ParquetShardWriter(BasePredictionWriter):
         if self._writer is not None:
             self._writer.abort()
             self._writer = None
+        if isinstance(exception, KeyboardInterrupt) and trainer.is_global_zero:
+            log.warning(interrupted_text(self.output_dir, self.shards_done))

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import yaml
 from datasets import Array2D, load_dataset
 
-from tests.helpers import REPO, export_args, run_cli, run_export
+from tests.helpers import REPO, export_args, run_cli, run_export, run_main
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 
@@ -45,7 +47,6 @@ def test_cli_demo_config_with_overrides_loads_with_datasets(tmp_path):
 
 def test_console_script_is_installed():
     import shutil
-    import subprocess
 
     script = shutil.which("actlightning")
     assert script is not None, "pip install -e . installs the `actlightning` console script"
@@ -56,7 +57,7 @@ def test_console_script_is_installed():
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])
 def test_every_config_parses_and_every_key_is_commented(config):
-    result = run_cli(["predict", "--config", str(config), "--print_config"])
+    result = run_main(["predict", "--config", str(config), "--print_config"])
     assert result.returncode == 0, result.stderr[-2000:]
     printed = yaml.safe_load(result.stdout)
     assert {"model", "data", "writer", "trainer"} <= set(printed)
@@ -87,7 +88,7 @@ def test_overwrite_replaces_another_export(tmp_path, checkpoints, games_file):
 
 def test_log_file_receives_logs(tmp_path, checkpoints, games_file):
     log_file = tmp_path / "logs" / "export.log"
-    result = run_cli(export_args(checkpoints["gpt2"], games_file, tmp_path / "out") + ["--log_file", str(log_file)])
+    result = run_main(export_args(checkpoints["gpt2"], games_file, tmp_path / "out") + ["--log_file", str(log_file)])
     assert result.returncode == 0, result.stderr[-2000:]
     assert "export complete" in log_file.read_text()
 
@@ -95,3 +96,30 @@ def test_log_file_receives_logs(tmp_path, checkpoints, games_file):
 def test_saved_dataset_folder_is_accepted(tmp_path, checkpoints, games_file, saved_dataset):
     run_export(checkpoints["gpt2"], games_file, tmp_path / "out", **{"data.path": str(saved_dataset)})
     assert len(load_dataset("parquet", data_files=str(tmp_path / "out" / "*.parquet"), split="train")) == 40
+
+
+def test_reader_import_loads_neither_lightning_nor_transformers():
+    code = "import sys, actlightning.reader; print(sorted(m for m in ('lightning', 'transformers', 'datasets') if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_help_names_the_tool_and_offers_only_prediction_trainer_flags():
+    top = run_main(["--help"])
+    assert top.returncode == 0 and top.stdout.startswith("usage: actlightning ")
+    assert "Export the hidden states" in top.stdout
+    predict = run_main(["predict", "--help"])
+    assert predict.returncode == 0
+    assert "--trainer.devices" in predict.stdout and "--trainer.strategy" in predict.stdout
+    assert "--trainer.num_nodes" in predict.stdout and "--trainer.precision" in predict.stdout
+    for training_only in ("gradient_clip_val", "max_epochs", "val_check_interval", "weights_only", "seed_everything"):
+        assert training_only not in predict.stdout
+    assert "<class" not in predict.stdout
+
+
+def test_an_export_prints_no_third_party_noise(tmp_path, checkpoints, games_file):
+    result = run_main(export_args(checkpoints["gpt2"], games_file, tmp_path / "out"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    for noise in ("GPU available", "TPU available", "litlogger", "LeafSpec", "not writable", "Loading weights"):
+        assert noise not in result.stderr + result.stdout, noise

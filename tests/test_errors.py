@@ -6,8 +6,10 @@ import pytest
 import torch
 from datasets import Dataset
 
+import re
+
 from actlightning.cli import main
-from tests.helpers import export_args, read_rows, run_cli
+from tests.helpers import REPO, export_args, read_rows, run_cli, run_main
 
 NO_DIR = "absent"
 
@@ -54,24 +56,29 @@ CASES = {
     "batch-size-zero": _case({"data.batch_size": 0}, message="data.batch_size must be a positive integer"),
     "batches-per-shard-zero": _case({"writer.batches_per_shard": 0}, message="writer.batches_per_shard must be a positive integer"),
     "max-shards-zero": _case({"writer.max_shards": 0}, message="writer.max_shards must be a positive integer"),
-    "unknown-dtype": _case({"model.dtype": "float8"}, message="float8"),
+    "unknown-dtype": _case({"model.dtype": "float8"}, message='Parser key "model.dtype": Expected a typing.Literal'),
     "unknown-output-dtype": _case({"model.output_dtype": "int8"}, message="int8"),
     "unknown-vector-encoder": _case({"writer.vector_encoder": "fast"}, message='Parser key "writer.vector_encoder"'),
     "checkpoint-missing": _case({"model.checkpoint": "/nonexistent/model"}, message="model.checkpoint '/nonexistent/model' is not a folder"),
     "hub-id-offline": _case({"model.checkpoint": "someone/not-cached"}, message="model.checkpoint 'someone/not-cached' could not be loaded"),
     "split-missing": _case({"data.split": "test"}, message="data.split 'test' does not exist; the splits are ['train']"),
-    "dataset-missing": _case({"data.path": "/nonexistent/data", "data.data_files": "null"}, message="data.path '/nonexistent/data'"),
+    "dataset-missing": _case({"data.path": "/nonexistent/data", "data.data_files": "null"}, message="data.path '/nonexistent/data' (data.split 'train') could not be loaded"),
     "empty-dataset": _case(message="is empty: there is nothing to export", setup=_empty_dataset),
     "filtered-to-nothing": _case({"data.min_tokens": 100000}, message="no examples left to export"),
     "output-dir-is-a-file": _case(message="exists and is not a directory", out_state="file", setup=_file_instead_of_dir),
     "output-dir-foreign-files": _case(message="is not empty and holds no export of this tool", out_state=["notes.txt"], setup=_foreign_files),
     "malformed-yaml": _case(message="did not find expected ',' or ']'", setup=_bad_yaml),
-    "unknown-key": _case(extra=["--data.no_such_key", "1"], message="no_such_key"),
+    "unknown-key": _case(extra=["--data.no_such_key", "1"], message="unrecognized setting --data.no_such_key"),
+    "mistyped-key": _case(extra=["--writer.outputdir", "x"], message="--writer.outputdir (did you mean --writer.output_dir?)"),
 }
+# A few cases also run as a real `python -m actlightning` process; the rest run in-process (same code,
+# without a new interpreter's imports).
+SUBPROCESS_CASES = {"unknown-dtype", "checkpoint-missing", "mistyped-key"}
 
 
-@pytest.mark.parametrize("case", list(CASES.values()), ids=list(CASES))
-def test_bad_input_fails_clearly_through_the_cli(tmp_path, checkpoints, games_file, case):
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input_fails_clearly_through_the_cli(tmp_path, checkpoints, games_file, name):
+    case = CASES[name]
     out = tmp_path / "out"
     overrides = dict(case["overrides"])
     extra = list(case["extra"])
@@ -83,7 +90,7 @@ def test_bad_input_fails_clearly_through_the_cli(tmp_path, checkpoints, games_fi
             extra += made
     args = export_args(checkpoints["gpt2"], games_file, out, **overrides)
     args = args[:1] + extra + args[1:]
-    result = run_cli(args)
+    result = run_cli(args) if name in SUBPROCESS_CASES else run_main(args)
     assert result.returncode == case["rc"], result.stderr[-3000:]
     assert case["message"] in result.stderr, result.stderr[-3000:]
     if case["out_state"] == NO_DIR:
@@ -92,15 +99,17 @@ def test_bad_input_fails_clearly_through_the_cli(tmp_path, checkpoints, games_fi
         assert out.read_text() == "not a folder"
     else:
         assert sorted(p.name for p in out.iterdir()) == case["out_state"]
-    if case["setup"] is not _bad_yaml and "no_such_key" not in case["message"]:
-        assert "Traceback" not in result.stderr, "a settings mistake is one line, not a stack trace"
+    assert "Traceback" not in result.stderr, "a settings mistake is one line, not a stack trace"
+    error_lines = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert len(error_lines) == 1 and error_lines[0].startswith("actlightning: error: "), result.stderr[-3000:]
+    assert "usage:" not in result.stderr, "no usage text before the error"
 
 
 def test_output_dir_holding_another_export_is_refused(tmp_path, checkpoints, games_file):
     out = tmp_path / "out"
-    assert run_cli(export_args(checkpoints["gpt2"], games_file, out, **{"model.layers": "[1]"})).returncode == 0
+    assert run_main(export_args(checkpoints["gpt2"], games_file, out, **{"model.layers": "[1]"})).returncode == 0
     before = sorted(p.name for p in out.iterdir())
-    result = run_cli(export_args(checkpoints["gpt2"], games_file, out, **{"model.layers": "[2]"}))
+    result = run_main(export_args(checkpoints["gpt2"], games_file, out, **{"model.layers": "[2]"}))
     assert result.returncode == 2
     assert "holds an export with different settings (model.layers)" in result.stderr
     assert sorted(p.name for p in out.iterdir()) == before
@@ -122,13 +131,13 @@ def huge_checkpoint(tmp_path_factory, checkpoints):
 
 def test_float16_overflow_stops_with_layer_and_count(tmp_path, huge_checkpoint, games_file):
     out = tmp_path / "out"
-    result = run_cli(export_args(huge_checkpoint, games_file, out, **{"model.output_dtype": "float16", "model.layers": "[0]"}))
+    result = run_main(export_args(huge_checkpoint, games_file, out, **{"model.output_dtype": "float16", "model.layers": "[0]"}))
     assert result.returncode == 1
     assert "model.output_dtype float16 cannot hold layer_0" in result.stderr
     assert "use output_dtype float32 or bfloat16" in result.stderr
     assert not list(out.glob("*.parquet")) and not [p for p in out.iterdir() if p.name.endswith(".tmp")]
     # bfloat16 storage keeps float32's range
-    assert run_cli(export_args(huge_checkpoint, games_file, tmp_path / "bf16", **{"model.output_dtype": "bfloat16", "model.layers": "[0]", "writer.max_shards": 1})).returncode == 0
+    assert run_main(export_args(huge_checkpoint, games_file, tmp_path / "bf16", **{"model.output_dtype": "bfloat16", "model.layers": "[0]", "writer.max_shards": 1})).returncode == 0
 
 
 def test_nan_activations_are_reported_never_written(tmp_path, checkpoints, games_file, monkeypatch, capsys):
@@ -156,6 +165,21 @@ def test_pretokenized_input_ids_column_is_used_as_is(tmp_path, checkpoints):
     sequences = [[5, 6, 7, 8], [9, 10], [11, 12, 13]]
     Dataset.from_dict({"input_ids": sequences, "label": ["a", "b", "c"]}).save_to_disk(folder)
     out = tmp_path / "out"
-    result = run_cli(export_args(checkpoints["gpt2"], folder, out, **{"data.path": str(folder), "data.input_column": "input_ids", "data.label_columns": "[label]"}))
+    result = run_main(export_args(checkpoints["gpt2"], folder, out, **{"data.path": str(folder), "data.input_column": "input_ids", "data.label_columns": "[label]"}))
     assert result.returncode == 0, result.stderr[-2000:]
     assert [r["input_ids"] for r in read_rows(out)] == sequences
+
+
+def _readme_error_fragments() -> list[str]:
+    section = (REPO / "README.md").read_text().split("## Common errors", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| `")]
+    return [fragment for row in rows for fragment in re.findall(r"`([^`]+)`", row.split(" | ")[0])]
+
+
+def test_readme_error_table_quotes_messages_the_tests_assert():
+    """Each message in the README's error table is asserted, word for word, by a test."""
+    fragments = _readme_error_fragments()
+    assert len(fragments) >= 25
+    tests_source = "\n".join(p.read_text() for p in sorted((REPO / "tests").glob("test_*.py")))
+    for fragment in fragments:
+        assert fragment in tests_source, f"README error {fragment!r} is asserted by no test"

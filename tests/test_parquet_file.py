@@ -181,7 +181,7 @@ def test_write_error_in_a_vector_page_removes_the_partial_shard(tmp_path, monkey
     monkeypatch.setattr(VectorParquetWriter, "_write_vector_chunk", chunk)
     monkeypatch.setattr(VectorParquetWriter, "_write", failing)
     with pytest.raises(OSError, match="No space left"):
-        shard.write(tables[0], 10)
+        shard.write(tables[0], 10, 1)
     assert events == ["chunk", "write", "write"]
     shard.abort()
     assert list(tmp_path.iterdir()) == []

@@ -111,8 +111,12 @@ def test_out_of_memory_batch_is_split_and_retried_never_dropped(tmp_path, checkp
     assert max(seen) == 8 and 2 in seen
     plain, split = read_rows(tmp_path / "plain"), read_rows(tmp_path / "split")
     assert [r["example_id"] for r in split] == [r["example_id"] for r in plain] == list(range(40))
+    # Halves are other batch shapes: float32 matmuls may round differently, so compare with the
+    # fidelity tests' tolerance (and both exports are checked against the unpadded forward).
     for a, b in zip(plain, split):
-        np.testing.assert_array_equal(a["layer_2"], b["layer_2"])
+        np.testing.assert_allclose(a["layer_2"], b["layer_2"], rtol=0, atol=1e-5)
+    texts = {i: json.loads(line)["Transcript"] for i, line in enumerate(games_file.read_text().splitlines())}
+    assert_rows_match_reference(split, texts, checkpoints["gpt2"])
 
 
 @pytest.mark.parametrize("budget", [False, True])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from collections import namedtuple
 
@@ -14,30 +15,39 @@ from datasets import load_dataset
 from actlightning.cli import main
 from actlightning.report import NormStats
 from actlightning.report import main as report_main
-from tests.helpers import export_args, run_cli, run_export
+from tests.helpers import export_args, run_export, run_main
 
 
 def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, checkpoints, games_file):
     out = tmp_path / "out"
-    result = run_cli(export_args(checkpoints["gpt2"], games_file, out, **{"writer.dry_run": "true", "model.layers": "[1, 2]", "model.output_dtype": "float16"}))
+    result = run_main(export_args(checkpoints["gpt2"], games_file, out, **{"writer.dry_run": "true", "model.layers": "[1, 2]", "model.output_dtype": "float16"}))
     assert result.returncode == 0, result.stderr[-2000:]
-    # 2 columns x 32 wide x 2 bytes + 4 bytes of token id
-    assert "plan: 40 examples" in result.stderr and "132 bytes per token as float16" in result.stderr
-    assert "in 5 shards" in result.stderr and "free at" in result.stderr
+    # 2 columns x 32 wide x 2 bytes + 4 bytes of token id; sizes in human units
+    plan = next(line for line in result.stderr.splitlines() if "plan: 40 examples" in line)
+    assert "2 vector columns (layer_1, layer_2), 132 bytes per token as float16" in plan
+    assert re.search(r"about \d+(\.\d+)? kB in 5 shards; 0 B already written; [\d.]+ [kMGT]?B free at", plan), plan
     assert not out.exists()
 
 
+def test_plan_text_uses_singulars_and_human_sizes(tmp_path, checkpoints, games_file):
+    result = run_main(export_args(checkpoints["gpt2"], games_file, tmp_path / "out", **{"writer.dry_run": "true", "model.layers": "[1]", "data.limit": 1, "writer.batches_per_shard": 1}))
+    plan = next(line for line in result.stderr.splitlines() if "plan: " in line and "example" in line)
+    assert "plan: 1 example, " in plan and " 1 vector column (layer_1)" in plan and " in 1 shard;" in plan, plan
+    assert "0.00 GB" not in plan
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
-def test_plan_estimate_matches_the_export(tmp_path, checkpoints, games_file, caplog, dtype):
+def test_plan_estimate_matches_the_export(tmp_path, checkpoints, games_file, dtype):
     out = tmp_path / "out"
     run_export(checkpoints["gpt2"], games_file, out, **{"model.layers": "[0, 3]", "model.output_dtype": dtype})
     manifest = json.loads((out / "manifest.json").read_text())
-    planned = [r for r in caplog.messages if r.startswith("plan:") and "examples" in r][0]
-    estimate_gb = float(planned.split("about ")[1].split(" GB")[0])
-    assert abs(estimate_gb * 1e9 - manifest["totals"]["bytes"]) < 0.15 * manifest["totals"]["bytes"] + 0.01e9
+    plan = manifest["plan"]
+    assert plan["examples"] == manifest["totals"]["examples"] == 40 and plan["tokens"] == manifest["totals"]["tokens"]
+    assert plan["estimated_shards"] == manifest["totals"]["shards"]
+    assert abs(plan["estimated_bytes"] - manifest["totals"]["bytes"]) < 0.15 * manifest["totals"]["bytes"] + 20_000
     # Per token, on disk (this small export's footers would hide a wrong size in the total):
     # bfloat16 takes 4 bytes a value, as Parquet stores uint16 in INT32.
-    per_token = int(planned.split(" bytes per token")[0].rsplit(" ", 1)[1])
+    per_token = plan["bytes_per_token"]
     vector_bytes = 0
     for shard in out.glob("*.parquet"):
         metadata = pq.read_metadata(shard)
@@ -56,20 +66,22 @@ def test_estimate_above_free_space_stops_before_exporting(tmp_path, checkpoints,
     with pytest.raises(SystemExit) as exit_info:
         main(export_args(checkpoints["gpt2"], games_file, out))
     assert exit_info.value.code == 2
-    assert "GB free; free space, export less" in capsys.readouterr().err
+    assert "free; free space, export less" in capsys.readouterr().err
     assert not out.exists()
     main(export_args(checkpoints["gpt2"], games_file, out, **{"writer.ignore_free_space": "true"}))
     assert json.loads((out / "manifest.json").read_text())["complete"]
 
 
 def test_progress_bar_counts_tokens_bytes_and_shards(tmp_path, checkpoints, games_file):
-    result = run_cli(export_args(checkpoints["gpt2"], games_file, tmp_path / "out", **{"trainer.enable_progress_bar": "true"}))
+    result = run_main(export_args(checkpoints["gpt2"], games_file, tmp_path / "out", **{"trainer.enable_progress_bar": "true"}))
     assert result.returncode == 0, result.stderr[-2000:]
     bar = result.stdout  # Lightning's TQDM bars write to stdout
     assert "Exporting" in bar and "tok/s" in bar and "shards=" in bar and "written=" in bar
-    final = bar.strip().splitlines()[-1]
+    final = re.split(r"[\r\n]+", bar.strip())[-1]
     done, total = final.split("| ")[1].split(" ")[0].split("/")
     assert done == total, final
+    shards = json.loads((tmp_path / "out" / "manifest.json").read_text())["totals"]["shards"]
+    assert f"shards={shards}]" in final, "the final bar shows every shard"
 
 
 def test_summary_and_manifest_carry_the_same_numbers(tmp_path, checkpoints, games_file, caplog):
@@ -77,11 +89,24 @@ def test_summary_and_manifest_carry_the_same_numbers(tmp_path, checkpoints, game
     run_export(checkpoints["gpt2"], games_file, out, **{"data.limit": 30, "data.sort_by_length": "true"})
     manifest = json.loads((out / "manifest.json").read_text())
     summary = [m for m in caplog.messages if m.startswith("export complete:")][0]
-    assert f"{manifest['totals']['rows']:,} examples" in summary
-    assert f"{manifest['totals']['tokens']:,} tokens" in summary
-    assert f"padding efficiency {manifest['data']['padding_efficiency']}" in summary
+    assert f"{manifest['totals']['examples']:,} examples" in summary
+    assert f"{manifest['totals']['tokens']:,} tokens exported in {manifest['totals']['rows']:,} rows" in summary
+    assert f"padding efficiency {manifest['data']['padding_efficiency']:.3f}" in summary
     assert "'limit': 10" in summary and manifest["data"]["removed"]["limit"] == 10
-    assert manifest["run"]["tokens"] == manifest["totals"]["tokens"] and manifest["run"]["seconds"] > 0
+    run = manifest["run"]
+    assert run["forward_tokens"] == run["exported_tokens"] == manifest["totals"]["tokens"] and run["seconds"] > 0
+
+
+def test_token_layout_summary_tells_examples_rows_and_both_rates_apart(tmp_path, checkpoints, games_file, caplog):
+    out = tmp_path / "out"
+    run_export(checkpoints["gpt2"], games_file, out, **{"writer.layout": "token", "model.n_pos": 3, "model.layers": "[1]"})
+    manifest = json.loads((out / "manifest.json").read_text())
+    totals, run = manifest["totals"], manifest["run"]
+    assert totals["examples"] == 40 and totals["rows"] == totals["tokens"] == 40 * 3
+    assert run["exported_tokens"] == 120 < run["forward_tokens"]
+    summary = [m for m in caplog.messages if m.startswith("export complete:")][0]
+    assert summary.startswith("export complete: 40 examples, 120 tokens exported in 120 rows (token layout)")
+    assert f"forward pass {run['forward_tokens']:,} tokens at" in summary and "exported 120 tokens at" in summary
 
 
 def test_dataset_card_describes_and_loads_the_export(tmp_path, checkpoints, games_file):

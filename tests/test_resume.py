@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from actlightning.shards import ShardFile, ShardWriteError
-from tests.helpers import REPO, export_args, read_rows, run_cli, run_export
+from tests.helpers import REPO, export_args, read_rows, run_cli, run_export, run_main
 
 
 def _assert_same_export(a, b):
@@ -100,7 +100,7 @@ def test_finished_export_is_not_recomputed(tmp_path, checkpoints, games_file):
     out = tmp_path / "out"
     run_export(checkpoints["gpt2"], games_file, out)
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
-    result = run_cli(export_args(checkpoints["gpt2"], games_file, out))
+    result = run_main(export_args(checkpoints["gpt2"], games_file, out))
     assert result.returncode == 0
     assert "already complete" in result.stderr
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
@@ -109,7 +109,7 @@ def test_finished_export_is_not_recomputed(tmp_path, checkpoints, games_file):
 def test_resume_refuses_other_settings_naming_them(tmp_path, checkpoints, games_file):
     out = tmp_path / "out"
     run_export(checkpoints["gpt2"], games_file, out, **{"writer.max_shards": 1})
-    result = run_cli(export_args(checkpoints["gpt2"], games_file, out, **{"writer.max_shards": 1, "model.n_pos": 3, "data.dedupe": "true"}))
+    result = run_main(export_args(checkpoints["gpt2"], games_file, out, **{"writer.max_shards": 1, "model.n_pos": 3, "data.dedupe": "true"}))
     assert result.returncode != 0
     assert "different settings (data.dedupe, model.n_pos)" in result.stderr
 
@@ -119,11 +119,11 @@ def test_write_error_stops_run_naming_file_and_keeps_complete_shards(tmp_path, c
     original = ShardFile.write
     calls = []
 
-    def failing_write(self, table, tokens):
+    def failing_write(self, *args):
         calls.append(self.tmp_path)
         if len(calls) == 5:
             raise OSError(errno.ENOSPC, "No space left on device")
-        return original(self, table, tokens)
+        return original(self, *args)
 
     monkeypatch.setattr(ShardFile, "write", failing_write)
     with pytest.raises(ShardWriteError, match=r"shard-00002-rank00\.parquet.*No space left on device"):
@@ -135,3 +135,43 @@ def test_write_error_stops_run_naming_file_and_keeps_complete_shards(tmp_path, c
     monkeypatch.setattr(ShardFile, "write", original)
     run_export(checkpoints["gpt2"], games_file, out)
     assert [r["example_id"] for r in read_rows(out)] == list(range(40))
+
+
+def _start(module: str, args: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    # SIGINT as a terminal's Ctrl-C would send it (a shell may start background jobs ignoring it).
+    return subprocess.Popen(
+        [sys.executable, "-m", module, *args], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+
+
+def test_ctrl_c_says_what_is_complete_and_a_rerun_resumes(tmp_path, checkpoints, games_file):
+    out = tmp_path / "out"
+    args = export_args(checkpoints["gpt2"], games_file, out, **{"data.batch_size": 1, "writer.batches_per_shard": 2})
+    process = _start("tests.slow_export", args)
+    deadline = time.monotonic() + 120
+    while len(list(out.glob("*.parquet"))) < 2 and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGINT)
+    stderr = process.communicate(timeout=120)[1]
+    assert process.returncode != 0
+    assert "Traceback" not in stderr, stderr[-3000:]
+    complete = len(list(out.glob("*.parquet")))
+    assert 2 <= complete < 20
+    assert f"interrupted: {complete} complete shards in {out}" in stderr, stderr[-3000:]
+    assert "Rerun the same command to resume" in stderr
+    result = run_main(args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [r["example_id"] for r in read_rows(out)] == list(range(40))
+
+
+def test_ctrl_c_while_starting_is_one_line(tmp_path):
+    process = _start("actlightning", ["predict", "--help"])
+    time.sleep(0.5)  # inside the imports, which take seconds
+    process.send_signal(signal.SIGINT)
+    stderr = process.communicate(timeout=60)[1]
+    if process.returncode == 0:
+        pytest.skip("the imports finished within 0.5 s on this machine")
+    assert process.returncode == 130, stderr
+    assert stderr.strip() == "actlightning: interrupted while starting; nothing was written"

@@ -186,7 +186,7 @@ def phase_writer(args) -> dict:
             pool = ShardWriterPool(
                 threads, folder=Path(folder), rank=0, schema=schema,
                 options=parquet_options(schema, args.compression, columns),
-                encode=lambda item: (batch_to_table(item, schema), rows * length), max_pending=2,
+                encode=lambda item: (batch_to_table(item, schema), rows * length, rows), max_pending=2,
                 vector_encoder=args.vector_encoder,
             )
             shards, per_shard = 4 * threads, 4
