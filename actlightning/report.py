@@ -118,15 +118,19 @@ def render(stats: dict[str, NormStats], lengths: np.ndarray, export, out: Path) 
     ax.set_xticks(x, names, rotation=60, ha="right", fontsize=7)
     ax.set_title("Per-token L2 norm by column (log scale)")
     ax.legend()
-    ax = axes[0][1]
+    # One small histogram per shown column, each on its own x range: norms differ by orders of
+    # magnitude between layers, and a shared axis squeezes the small ones into a single bar.
     shown = names if len(names) <= 4 else [names[i] for i in np.linspace(0, len(names) - 1, 4).round().astype(int)]
-    for name in shown:
+    grid = axes[0][1].get_subplotspec().subgridspec(2, 2, hspace=0.55, wspace=0.3)
+    axes[0][1].remove()
+    for slot, name in enumerate(shown):
+        ax = figure.add_subplot(grid[slot // 2, slot % 2])
         norms = stats[name].norms()
         if len(norms):
-            ax.hist(norms, bins=80, histtype="step", label=name, log=True)
-    ax.set_title("Norm histograms (log counts)")
-    ax.set_xlabel("L2 norm")
-    ax.legend(fontsize=7)
+            ax.hist(norms, bins=60, log=True, color=f"C{slot}")
+            ax.axvline(np.median(norms), color="k", lw=0.8, ls="--")
+        ax.set_title(f"{name}: L2 norm (dashed: median)", fontsize=8)
+        ax.tick_params(labelsize=7)
     ax = axes[1][0]
     ax.hist(lengths, bins=min(60, max(len(np.unique(lengths)), 1)))
     ax.set_title("Exported tokens per sequence")

@@ -73,7 +73,7 @@ CASES = {
 }
 # A few cases also run as a real `python -m actlightning` process; the rest run in-process (same code,
 # without a new interpreter's imports).
-SUBPROCESS_CASES = {"unknown-dtype", "checkpoint-missing", "mistyped-key"}
+SUBPROCESS_CASES = {"checkpoint-missing", "mistyped-key"}
 
 
 @pytest.mark.parametrize("name", list(CASES))

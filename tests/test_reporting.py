@@ -13,7 +13,7 @@ import pytest
 from datasets import load_dataset
 
 from actlightning.cli import main
-from actlightning.report import NormStats
+from actlightning.report import NormStats, collect, render
 from actlightning.report import main as report_main
 from tests.helpers import export_args, run_export, run_main
 
@@ -132,6 +132,25 @@ def test_report_renders_a_png_from_a_tiny_export(tmp_path, checkpoints, games_fi
     assert all(f"layer_{i}" in text for i in range(5)) and "mean norm" in text
     # the picture is one of this tool's files: a rerun with overwrite may delete it
     run_export(checkpoints["gpt2"], games_file, out, **{"model.output_dtype": "float16", "writer.overwrite": "true"})
+    assert not png.exists() and (out / "manifest.json").exists()
+
+
+def test_report_histograms_give_each_column_its_own_scale(tmp_path, checkpoints, games_file, monkeypatch):
+    import matplotlib.figure
+
+    out = tmp_path / "out"
+    run_export(checkpoints["gpt2"], games_file, out, **{"model.layers": "[0, 4]"})
+    figures = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda self, *a, **k: figures.append(self))
+    stats, lengths, export = collect(out)
+    render(stats, lengths, export, tmp_path / "report.png")
+    histograms = {ax.get_title().split(":")[0]: ax for ax in figures[0].axes if "L2 norm (dashed" in ax.get_title()}
+    assert sorted(histograms) == ["layer_0", "layer_4"]
+    for name, ax in histograms.items():
+        norms = stats[name].norms()
+        low, high = ax.get_xlim()
+        # the axis spans this column's norms, not every column's
+        assert low >= norms.min() - (norms.max() - norms.min()) and high <= norms.max() + (norms.max() - norms.min())
 
 
 def test_norm_stats_flag_massive_activations():

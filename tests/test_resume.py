@@ -74,9 +74,10 @@ def _run_and_kill(out, at_shards: int) -> bool:
             process.kill()
 
 
-def test_killed_exports_resume_to_exactly_the_uninterrupted_export(tmp_path):
+def test_killed_exports_resume_to_exactly_the_uninterrupted_export(tmp_path, monkeypatch):
     reference = tmp_path / "reference"
-    assert run_cli(_demo_args(reference)).returncode == 0
+    monkeypatch.chdir(REPO)  # the demo config's paths are relative to the repository
+    assert run_main(_demo_args(reference)).returncode == 0
     out = tmp_path / "out"
     rng = random.Random(0)
     kills = 0

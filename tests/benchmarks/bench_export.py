@@ -151,8 +151,8 @@ def phase_export(args) -> dict:
     return {
         "seconds": manifest["run"]["seconds"],
         "total_seconds_with_startup": total,
-        "tokens": manifest["run"]["tokens"],
-        "tokens_per_second": manifest["run"]["tokens_per_second"],
+        "tokens": manifest["run"]["forward_tokens"],
+        "tokens_per_second": manifest["run"]["forward_tokens_per_second"],
         "bytes": manifest["totals"]["bytes"],
         "shards": manifest["totals"]["shards"],
         "padding_efficiency": manifest["data"]["padding_efficiency"],
