@@ -117,10 +117,22 @@ def resolve_hook_points(
     return points
 
 
+def blocks_needed(layers: Sequence[int], hook_points: Sequence[HookPoint], num_layers: int, tie_last: bool = True) -> int:
+    """How many leading decoder blocks an export runs: ``num_layers`` when anything needs the full
+    forward (``hidden_states[L]`` with the final norm, or a hook point outside the blocks), else the
+    blocks up to the deepest one anything is captured from (at least one: ``hidden_states[0]`` is the
+    first block's input)."""
+    if (layers and max(layers) == num_layers and tie_last) or any(p.block is None for p in hook_points):
+        return num_layers
+    deepest = max([i - 1 for i in layers if i > 0] + [p.block for p in hook_points if p.block is not None], default=0)
+    return deepest + 1
+
+
 class HiddenStateCapture:
     """Runs ``model`` and returns ``{column: [batch, seq, width]}`` for ``layers`` and ``hook_points``.
 
-    Layers are HF ``hidden_states`` indices (columns ``layer_{i}``). ``tie_last``: whether
+    Layers are HF ``hidden_states`` indices (columns ``layer_{i}``) of a model with ``num_layers``
+    blocks; ``blocks`` may be only its first ones (a model loaded truncated). ``tie_last``: whether
     ``hidden_states[L]`` is the model's ``last_hidden_state`` (after the final norm) rather than the raw
     output of the last block; HF ties them unless the config says otherwise. The forward stops after
     the deepest block anything is captured from; a hook point outside the blocks (``ln_f``) needs it all.
@@ -133,16 +145,21 @@ class HiddenStateCapture:
         layers: list[int],
         tie_last: bool = True,
         hook_points: Sequence[HookPoint] = (),
+        num_layers: int | None = None,
     ) -> None:
         self.model = model
         self.layers = layers
-        self.num_layers = len(blocks)
+        # The full model's depth: with truncated blocks, the last loaded block's output is
+        # hidden_states[len(blocks)], not the model's (normed) last hidden state.
+        self.num_layers = len(blocks) if num_layers is None else num_layers
+        if blocks_needed(layers, hook_points, self.num_layers, tie_last) > len(blocks):
+            raise ValueError(f"{len(blocks)} blocks loaded; these layers and hook points need more")
         self.columns = [layer_column(i) for i in layers] + [p.column for p in hook_points]
         self._captured: dict[str, torch.Tensor] = {}
         wanted = set(layers)
         full_for_layers = bool(layers) and max(layers) == self.num_layers and tie_last
         self.needs_full_forward = full_for_layers or any(p.block is None for p in hook_points)
-        deepest_block = max([i - 1 for i in layers if i > 0] + [p.block for p in hook_points if p.block is not None], default=0)
+        deepest_block = blocks_needed(layers, hook_points, self.num_layers, tie_last) - 1
         self._handles = []
         modules = dict(model.named_modules())
         for point in hook_points:

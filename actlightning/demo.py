@@ -14,11 +14,11 @@ from typing import Literal
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-from transformers import GPT2Config, LlamaConfig, PreTrainedTokenizerFast
+from transformers import GPT2Config, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
 
 # Characters of UCI move transcripts ("e2e4 e7e5 g1f3 ..."), plus room for other text in tests.
 ALPHABET = " abcdefghijklmnopqrstuvwxyz0123456789;.,:-+#=/!?ABCDEFGHIJKLMNOPQRSTUVWXYZé€"
-Architecture = Literal["gpt2", "llama"]
+Architecture = Literal["gpt2", "llama", "qwen2"]
 
 
 def char_tokenizer(add_bos: bool = False) -> PreTrainedTokenizerFast:
@@ -55,11 +55,19 @@ def tiny_model(
             vocab_size=vocab_size, n_positions=context, n_embd=hidden_size, n_layer=num_layers, n_head=4,
             bos_token_id=1, eos_token_id=2,
         )
-    else:
+    elif architecture == "llama":
         config = LlamaConfig(
             vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
             num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
             max_position_embeddings=context, bos_token_id=1, eos_token_id=2,
+        )
+    else:
+        # Per-layer attention types and tied embeddings: what truncated loading must keep right.
+        config = Qwen2Config(
+            vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+            num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
+            max_position_embeddings=context, bos_token_id=1, eos_token_id=2, tie_word_embeddings=True,
+            use_sliding_window=True, sliding_window=8, max_window_layers=num_layers // 2,
         )
     return AutoModelForCausalLM.from_config(config).eval()
 

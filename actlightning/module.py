@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import logging
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -11,7 +14,14 @@ import torch
 from lightning.pytorch import LightningModule
 from transformers import AutoConfig, AutoModel, PretrainedConfig
 
-from actlightning.capture import HiddenStateCapture, HookPoint, find_blocks, resolve_hook_points, resolve_layers
+from actlightning.capture import (
+    HiddenStateCapture,
+    HookPoint,
+    blocks_needed,
+    find_blocks,
+    resolve_hook_points,
+    resolve_layers,
+)
 from actlightning.errors import ActivationError, ConfigError
 from actlightning.schema import TORCH_DTYPES, StorageDtype, layer_column
 
@@ -43,6 +53,51 @@ def context_size(config: PretrainedConfig) -> int | None:
         if isinstance(value, int) and value > 0:
             return value
     return None
+
+
+def truncated_config(config: PretrainedConfig, blocks: int) -> PretrainedConfig:
+    """A copy of ``config`` for a model of only its first ``blocks`` decoder blocks.
+
+    Per-layer settings (lists as long as the model is deep, such as ``layer_types`` for sliding-window
+    attention) are cut to the same length, so that every kept block is built as in the full model.
+    """
+    if blocks >= config.num_hidden_layers:
+        return config
+    depth = config.num_hidden_layers
+    short = copy.deepcopy(config)
+    for key, value in vars(config).items():
+        if isinstance(value, (list, tuple)) and len(value) == depth and key != "num_hidden_layers":
+            setattr(short, key, type(value)(value[:blocks]))
+    short.num_hidden_layers = blocks
+    return short
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    """Parameters (and persistent buffers) a checkpoint stores for ``model``, each shared tensor once."""
+    seen = {id(t): t.numel() for t in model.state_dict(keep_vars=True).values()}
+    return sum(seen.values())
+
+
+class _DropLoadReport:
+    """Keeps transformers' load report (a table of unused and missing weights) off the console: an
+    export loads the base model from an LM checkpoint (the head's weights are unused by design) and
+    perhaps only its first blocks; missing weights are checked by the caller instead."""
+
+    def filter(self, record) -> bool:
+        return "LOAD REPORT" not in str(record.msg)
+
+
+@contextlib.contextmanager
+def _quiet_load_report() -> Iterator[None]:
+    from transformers.utils import logging as transformers_logging
+
+    logger = transformers_logging.get_logger("transformers.modeling_utils")
+    report_filter = _DropLoadReport()
+    logger.addFilter(report_filter)
+    try:
+        yield
+    finally:
+        logger.removeFilter(report_filter)
 
 
 def select_tokens(
@@ -153,6 +208,40 @@ class ActivationModule(LightningModule):
         """The exported hidden_states indices, non-negative and sorted."""
         return resolve_layers(self.requested_layers, self.num_layers)
 
+    @property
+    def tie_last(self) -> bool:
+        """Whether ``hidden_states[L]`` is the model's last hidden state (after the final norm)."""
+        tie = getattr(self.config, "tie_last_hidden_states", None)
+        return True if tie is None else bool(tie)
+
+    @property
+    def blocks_to_load(self) -> int:
+        """Decoder blocks built and loaded: only those up to the deepest one the export reads."""
+        return blocks_needed(self.layers, self.hook_points, self.num_layers, self.tie_last)
+
+    def load_plan(self) -> dict:
+        """What loading the model costs, from meta-device skeletons (no weights): blocks and parameters
+        loaded, and their bytes at the compute dtype, next to the full model's."""
+        full = count_parameters(self._skeleton())
+        if self.blocks_to_load < self.num_layers:
+            with torch.device("meta"):
+                short = AutoModel.from_config(
+                    truncated_config(self.config, self.blocks_to_load), trust_remote_code=self.trust_remote_code
+                )
+            loaded = count_parameters(short)
+        else:
+            loaded = full
+        bytes_per = TORCH_DTYPES[self.compute_dtype_name].itemsize
+        return {
+            "dtype": self.compute_dtype_name,
+            "blocks_loaded": self.blocks_to_load,
+            "blocks": self.num_layers,
+            "parameters_loaded": loaded,
+            "parameters": full,
+            "weight_bytes_loaded": loaded * bytes_per,
+            "weight_bytes": full * bytes_per,
+        }
+
     def _skeleton(self) -> torch.nn.Module:
         """The architecture on the meta device (module names and shapes, no weights), built once."""
         # Kept in a dict so that it is not registered as a submodule (Lightning would move it to the device).
@@ -199,6 +288,15 @@ class ActivationModule(LightningModule):
         return [layer_column(i) for i in self.layers] + [p.column for p in self.hook_points]
 
     @property
+    def compute_dtype_name(self) -> str:
+        """The compute dtype's name; ``auto`` is read from the checkpoint's config (float32 if unstated)."""
+        if self.dtype_name != "auto":
+            return self.dtype_name
+        configured = getattr(self.config, "dtype", None) or getattr(self.config, "torch_dtype", None)
+        name = str(configured).removeprefix("torch.") if configured is not None else "float32"
+        return name if name in TORCH_DTYPES else "float32"
+
+    @property
     def storage_dtype(self) -> StorageDtype:
         """Storage dtype name; before the weights load, ``auto`` compute is read from the config."""
         if self.output_dtype_name is not None:
@@ -207,9 +305,7 @@ class ActivationModule(LightningModule):
             return self.dtype_name
         if self.model is not None:
             return str(next(self.model.parameters()).dtype).removeprefix("torch.")
-        configured = getattr(self.config, "dtype", None) or getattr(self.config, "torch_dtype", None)
-        name = str(configured).removeprefix("torch.") if configured is not None else "float32"
-        return name if name in TORCH_DTYPES else "float32"
+        return self.compute_dtype_name
 
     def export_settings(self) -> dict:
         """Settings that decide the exported values; resuming under different ones is refused."""
@@ -239,26 +335,37 @@ class ActivationModule(LightningModule):
         dtype = self.dtype_name if self.dtype_name == "auto" else TORCH_DTYPES[self.dtype_name]
         # AutoModel is the base model: an LM head over a large vocabulary costs a large share of the
         # forward and nobody exports logits.
-        model = load_pretrained(
-            AutoModel.from_pretrained,
-            "model.checkpoint",
-            self.checkpoint,
-            revision=self.revision,
-            dtype=dtype,
-            trust_remote_code=self.trust_remote_code,
-            **kwargs,
-        )
+        # Only the blocks the export reads are built and loaded (safetensors are memory-mapped, so
+        # the weights of later blocks are never read from disk).
+        config = truncated_config(self.config, self.blocks_to_load)
+        with _quiet_load_report():
+            model, info = load_pretrained(
+                AutoModel.from_pretrained,
+                "model.checkpoint",
+                self.checkpoint,
+                config=config,
+                revision=self.revision,
+                dtype=dtype,
+                trust_remote_code=self.trust_remote_code,
+                output_loading_info=True,
+                **kwargs,
+            )
+        missing = sorted(info.get("missing_keys") or [])
+        if missing:
+            raise ConfigError(
+                f"model.checkpoint {self.checkpoint!r} lacks {len(missing)} weights of {type(model).__name__} "
+                f"(e.g. {missing[:3]}); they would be random and so would the activations"
+            )
         model.eval().requires_grad_(False)
         self.model = model
-        _, blocks = find_blocks(model, self.num_layers)
-        tie_last = getattr(model.config, "tie_last_hidden_states", None)
+        _, blocks = find_blocks(model, self.blocks_to_load)
         self.capture = HiddenStateCapture(
-            model, blocks, self.layers, tie_last=True if tie_last is None else tie_last, hook_points=self.hook_points
+            model, blocks, self.layers, tie_last=self.tie_last, hook_points=self.hook_points, num_layers=self.num_layers
         )
         self._output_dtype = TORCH_DTYPES[self.storage_dtype]
         log.info(
-            "loaded %s (%d layers, hidden size %d); exporting hidden_states %s as %s",
-            self.checkpoint, self.num_layers, self.hidden_size, self.layers, self.storage_dtype,
+            "loaded %s (%d of %d blocks, hidden size %d); exporting hidden_states %s as %s",
+            self.checkpoint, self.blocks_to_load, self.num_layers, self.hidden_size, self.layers, self.storage_dtype,
         )
 
     def _forward(self, batch: dict) -> dict:

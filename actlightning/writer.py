@@ -204,6 +204,7 @@ class ParquetShardWriter(BasePredictionWriter):
             "estimated_shards": len(shards),
             "already_written_bytes": already,
             "free_bytes": free,
+            "model": pl_module.load_plan(),
         }
         self.plan = plan
         log.info(
@@ -212,6 +213,13 @@ class ParquetShardWriter(BasePredictionWriter):
             plural(plan["examples"], "example"), plural(plan["tokens"], "token"), plural(len(widths), "vector column"),
             ", ".join(widths), plural(per_token, "byte"), pl_module.storage_dtype, human_bytes(estimate),
             plural(len(shards), "shard"), human_bytes(already), human_bytes(free), probe,
+        )
+        loading = plan["model"]
+        log.info(
+            "plan: loading %d of %s (%s of %s parameters, %s of %s as %s)%s",
+            loading["blocks_loaded"], plural(loading["blocks"], "block"), f"{loading['parameters_loaded']:,}",
+            f"{loading['parameters']:,}", human_bytes(loading["weight_bytes_loaded"]), human_bytes(loading["weight_bytes"]),
+            loading["dtype"], "" if loading["blocks_loaded"] < loading["blocks"] else ": the export needs the full forward",
         )
         if estimate - already > free and not self.ignore_free_space:
             raise ConfigError(

@@ -19,11 +19,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory) -> dict[str, Path]:
-    """Tiny GPT-2 (no pad token, no BOS) and Llama (BOS added by the tokenizer) checkpoints."""
+    """Tiny GPT-2 (no pad token, no BOS), Llama (BOS added by the tokenizer) and Qwen2 (sliding-window
+    layers, tied embeddings) checkpoints."""
     root = tmp_path_factory.mktemp("checkpoints")
     return {
         "gpt2": save_checkpoint(root / "gpt2", "gpt2", num_layers=4, hidden_size=32, context=128, seed=1),
         "llama": save_checkpoint(root / "llama", "llama", num_layers=3, hidden_size=32, context=128, seed=2),
+        "qwen2": save_checkpoint(root / "qwen2", "qwen2", num_layers=4, hidden_size=32, context=128, seed=4),
     }
 
 

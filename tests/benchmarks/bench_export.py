@@ -213,7 +213,22 @@ def phase_reader(args) -> dict:
     return {"tokens_per_second": tokens / seconds, "mb_per_s": nbytes / seconds / 1e6, "tokens": tokens}
 
 
-PHASES = {"floor": phase_floor, "export": phase_export, "writer": phase_writer, "reader": phase_reader}
+def phase_load(args) -> dict:
+    """Load the model as an export does (configure_model) and measure time and peak host memory."""
+    from actlightning.module import ActivationModule
+
+    layers = None if args.layers == "all" else [int(x) for x in args.layers.split(",")]
+    module = ActivationModule(args.model_dir, layers=layers)
+    module.check_settings()
+    before = _peak_rss_mb()
+    start = time.perf_counter()
+    module.configure_model()
+    seconds = time.perf_counter() - start
+    peak = _peak_rss_mb()
+    return {"seconds": seconds, "peak_rss_mb": peak, "peak_rss_before_load_mb": before, **module.load_plan()}
+
+
+PHASES = {"load": phase_load, "floor": phase_floor, "export": phase_export, "writer": phase_writer, "reader": phase_reader}
 
 
 def run_phase(name: str, args, **overrides) -> dict:
@@ -247,7 +262,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
     parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "actlightning-bench"))
     parser.add_argument("--repeat", type=int, default=1, help="floor/export pairs to run (the median ratio is reported)")
-    parser.add_argument("--only", default="floor,export", help="phases: floor,export,scaling,writer,reader")
+    parser.add_argument("--only", default="floor,export", help="phases: floor,export,scaling,writer,reader,load")
     parser.add_argument("--reader-layer", default="layer_6")
     parser.add_argument("--json", default=None, help="also write the results to this file")
     parser.add_argument("--phase", default=None, help=argparse.SUPPRESS)
@@ -286,6 +301,14 @@ def main() -> None:
         report["export_4x_data"] = run_phase("export", args, **{**common, "data": str(data4), "out": str(workdir / "export4x")})
         if "export" in report:
             report["peak_rss_4x_over_1x"] = report["export_4x_data"]["peak_rss_mb"] / report["export"]["peak_rss_mb"]
+    if "load" in phases:
+        # Truncated loading: `layers: [1]` builds and loads 1 of 12 blocks.
+        full, short = (run_phase("load", args, **common, layers=layers) for layers in ("all", "1"))
+        report["load_all"], report["load_layer1"] = full, short
+        saved_mb = (full["weight_bytes_loaded"] - short["weight_bytes_loaded"]) / 2**20
+        report["load_layer1_parameters_fraction"] = short["parameters_loaded"] / full["parameters"]
+        report["load_layer1_rss_drop_over_bytes_saved"] = (full["peak_rss_mb"] - short["peak_rss_mb"]) / saved_mb
+        report["load_layer1_time_fraction"] = short["seconds"] / full["seconds"]
     if "writer" in phases:
         report["writer"] = run_phase("writer", args, **common)
     if "reader" in phases:

@@ -122,14 +122,14 @@ def _token_rows(out: Path) -> list[dict]:
 
 
 def out_of_memory(root: Path) -> dict:
+    if not torch.cuda.is_available():
+        return {"skipped": "no CUDA device"}
     checkpoint = save_checkpoint(root / "oom-model", "gpt2", num_layers=12, hidden_size=768, context=1024, seed=1)
     data = root / "long.jsonl"
     data.write_text("".join(json.dumps(g) + "\n" for g in chess_games(96, seed=2, min_moves=150, max_moves=200)))
     base = {"model.layers": "[3, 12]", "data.sort_by_length": "true", "data.sort_reversed": "true", "model.output_dtype": "float16"}
     export(checkpoint, data, root / "plain", **base, **{"data.batch_size": 8})
     # Cap this process at ~2.5 GB: batches of 96 x 1000 tokens do not fit.
-    if not torch.cuda.is_available():
-        return {"skipped": "no CUDA device"}
     fraction = 2.5e9 / torch.cuda.get_device_properties(0).total_memory
     torch.cuda.set_per_process_memory_fraction(fraction)
     try:
