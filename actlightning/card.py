@@ -47,7 +47,7 @@ Hidden states exported with actlightning from `{model["checkpoint"]}`{_given(rev
 - Layout: **{layout}** ({"one row per sequence" if layout == "sequence" else "one row per token"})
 - Layers (HF `hidden_states` indices; the last includes the final norm): `{model["layers"]}`
 - Hook points: `{model.get("hook_points") or []}`
-- Stored dtype: `{model["output_dtype"]}`{" (raw bfloat16 bit patterns in uint16; decode with the reader)" if model["output_dtype"] == "bfloat16" else ""}
+- Stored dtype: `{model["output_dtype"]}`{" (raw bfloat16 bit patterns as 2-byte binaries; decode with the reader)" if model["output_dtype"] == "bfloat16" else ""}
 - Tokens kept per sequence: {"all" if model["n_pos"] is None else f"the last {model['n_pos']}"}
 - Hidden size: {model["hidden_size"]}, model layers: {model["num_layers"]}
 - Rows: {totals["rows"]:,}; tokens: {totals["tokens"]:,}; shards: {totals["shards"]}; bytes: {totals["bytes"]:,}

@@ -20,7 +20,8 @@ MANIFEST = "manifest.json"
 CONFIG = "config.yaml"
 CARD = "README.md"
 REPORT = "report.png"
-FORMAT_VERSION = 1
+# 2: bfloat16 vectors as 2-byte binaries (1: as uint16, 4 bytes on disk).
+FORMAT_VERSION = 2
 
 
 def library_versions() -> dict[str, str]:

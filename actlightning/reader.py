@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from actlightning.manifest import MANIFEST, shard_files
-from actlightning.schema import DTYPE_METADATA_KEY, VECTOR_PREFIXES
+from actlightning.schema import DTYPE_METADATA_KEY, VECTOR_PREFIXES, flat_values
 
 
 def stored_dtype(field: pa.Field) -> str:
@@ -31,6 +31,8 @@ def stored_dtype(field: pa.Field) -> str:
     value = field.type.storage_type if isinstance(field.type, pa.ExtensionType) else field.type
     while pa.types.is_list(value) or pa.types.is_fixed_size_list(value):
         value = value.value_type
+    if pa.types.is_fixed_size_binary(value) and value.byte_width == 2:
+        return "bfloat16"  # the only 2-byte binaries this tool writes
     return str(value.to_pandas_dtype().__name__)
 
 
@@ -44,7 +46,7 @@ def _chunk_vectors(chunk: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     if pa.types.is_fixed_size_list(storage.type):  # token layout: one vector per row
         width = storage.type.list_size
         values = storage.values.slice(storage.offset * width, len(storage) * width)
-        flat = values.to_numpy(zero_copy_only=False)
+        flat = flat_values(values)
         return flat.reshape(-1, width), np.arange(len(storage) + 1, dtype=np.int64)
     outer = storage.offsets.to_numpy().astype(np.int64)
     inner = storage.values
@@ -53,7 +55,7 @@ def _chunk_vectors(chunk: pa.Array) -> tuple[np.ndarray, np.ndarray]:
         return np.zeros((0, 0), dtype=np.float32), outer - outer[0]
     start, stop = int(inner_offsets[outer[0]]), int(inner_offsets[outer[-1]])
     width = int(inner_offsets[outer[0] + 1] - inner_offsets[outer[0]])
-    flat = inner.values.to_numpy(zero_copy_only=False)[start:stop]
+    flat = flat_values(inner.values)[start:stop]
     return flat.reshape(-1, width), outer - outer[0]
 
 

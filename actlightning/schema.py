@@ -35,9 +35,11 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
 }
-# Arrow and numpy have no bfloat16: its raw 16-bit patterns are stored as uint16 and the field
-# carries this metadata key so readers know to reinterpret them.
-ARROW_VALUE_TYPES: dict[str, str] = {"float32": "float32", "float16": "float16", "bfloat16": "uint16"}
+# Arrow and Parquet have no bfloat16: its raw 16-bit patterns are stored as 2-byte fixed-size
+# binary values (Parquet FIXED_LEN_BYTE_ARRAY(2), 2 bytes on disk, which no reader mistakes for a
+# number), and every vector field carries this metadata key so readers know how to decode them.
+# (Exports before format 2 stored them as uint16, which Parquet widens to 4 bytes; still readable.)
+ARROW_VALUE_TYPES: dict[str, str] = {"float32": "float32", "float16": "float16", "bfloat16": "fixed_size_binary[2]"}
 DTYPE_METADATA_KEY = b"actlightning.dtype"
 
 
@@ -72,7 +74,10 @@ def build_features(
         features = {EXAMPLE_ID: Value("int64"), POSITION: Value("int32"), TOKEN_ID: Value("int32")}
     features.update(label_features or {})
     for name, width in widths.items():
-        if layout == "sequence":
+        if layout == "sequence" and storage_dtype == "bfloat16":
+            # Array2D holds numbers only; 2-byte binaries nest as plain lists.
+            features[name] = List(List(Value(value_type)))
+        elif layout == "sequence":
             features[name] = Array2D(shape=(None, width), dtype=value_type)
         else:
             features[name] = List(Value(value_type), length=width)
@@ -95,6 +100,16 @@ def tensor_to_numpy(tensor: torch.Tensor) -> np.ndarray:
     if tensor.dtype == torch.bfloat16:
         return tensor.view(torch.int16).numpy().view(np.uint16)
     return tensor.numpy()
+
+
+def flat_values(values: pa.Array) -> np.ndarray:
+    """A flat array of numbers (or of bfloat16 bit patterns, 2-byte binaries) as numpy, without copying
+    when it has no nulls; 2-byte binaries come back as uint16."""
+    if pa.types.is_fixed_size_binary(values.type):
+        size = values.type.byte_width
+        data = np.frombuffer(values.buffers()[1], dtype=np.uint8)[values.offset * size : (values.offset + len(values)) * size]
+        return data.view(np.uint16) if size == 2 else data.reshape(-1, size)
+    return values.to_numpy(zero_copy_only=False)
 
 
 def _primitive(values: np.ndarray, arrow_type: pa.DataType) -> pa.Array:
@@ -160,9 +175,11 @@ def batch_to_table(
     for name, tensor in prediction["layers"].items():
         arrow_type = schema.field(name).type
         vectors = tensor_to_numpy(tensor)
-        if layout == "sequence":
+        if layout == "sequence" and isinstance(arrow_type, pa.ExtensionType):
             storage = layer_array(vectors, lengths, arrow_type.storage_type)
             columns[name] = pa.ExtensionArray.from_storage(arrow_type, storage)
+        elif layout == "sequence":
+            columns[name] = layer_array(vectors, lengths, arrow_type)
         else:
             columns[name] = pa.FixedSizeListArray.from_arrays(
                 _primitive(vectors.reshape(-1), arrow_type.value_type), type=arrow_type

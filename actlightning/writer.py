@@ -24,6 +24,7 @@ from actlightning.humanize import human_bytes, plural
 from actlightning.manifest import (
     CARD,
     CONFIG,
+    FORMAT_VERSION,
     MANIFEST,
     REPORT,
     build_manifest,
@@ -87,8 +88,11 @@ class ParquetShardWriter(BasePredictionWriter):
         overwrite: Start afresh in an ``output_dir`` holding another export (only files this tool wrote
             are deleted). Without it, a different export there is refused, and an unfinished export of
             the same settings is resumed.
-        compression: Parquet compression codec. ``none`` is fastest; ``zstd`` saves disk for a little CPU.
-            Any codec but ``none`` sends the vector columns through pyarrow's encoder (see below).
+        compression: Parquet compression codec: ``none``, ``zstd``, ``lz4`` (Parquet's LZ4_RAW) or
+            ``snappy``. Vector pages are compressed one by one in the direct encoder (float32 values
+            byte-stream-split first); what each saves and costs is in the README.
+        compression_level: Codec level (zstd: 1-22, higher is smaller and slower). Unset: the codec's
+            default (zstd 1).
         max_pending_batches: Batches queued for each writer thread before the forward pass waits for
             it; bounds host memory (at most ``writer_threads x max_pending_batches`` batches in flight).
         writer_threads: Threads encoding and writing shards in parallel (each shard is written whole
@@ -116,6 +120,7 @@ class ParquetShardWriter(BasePredictionWriter):
         max_shards: int | None = None,
         overwrite: bool = False,
         compression: Compression = "none",
+        compression_level: int | None = None,
         max_pending_batches: int = 4,
         writer_threads: int = 1,
         layout: Layout = "sequence",
@@ -130,6 +135,13 @@ class ParquetShardWriter(BasePredictionWriter):
             raise ConfigError(f"writer.batches_per_shard must be a positive integer, got {batches_per_shard}")
         if max_shards is not None and max_shards <= 0:
             raise ConfigError(f"writer.max_shards must be a positive integer or unset, got {max_shards}")
+        if compression_level is not None and compression != "zstd":
+            raise ConfigError(
+                f"writer.compression_level is set ({compression_level}) but writer.compression is {compression!r}; "
+                "a level applies to zstd only"
+            )
+        if compression_level is not None and not 1 <= compression_level <= 22:
+            raise ConfigError(f"writer.compression_level must be 1..22 for zstd, got {compression_level}")
         if max_pending_batches <= 0:
             raise ConfigError(f"writer.max_pending_batches must be a positive integer, got {max_pending_batches}")
         if writer_threads <= 0:
@@ -143,6 +155,7 @@ class ParquetShardWriter(BasePredictionWriter):
         self.max_shards = max_shards
         self.overwrite = overwrite
         self.compression = compression
+        self.compression_level = compression_level
         self.max_pending_batches = max_pending_batches
         self.writer_threads = writer_threads
         self.layout = layout
@@ -186,8 +199,8 @@ class ParquetShardWriter(BasePredictionWriter):
         lengths = np.concatenate([store.lengths[b] for shard in shards for b in shard]) if shards else np.zeros(0, dtype=np.int64)
         exported = np.minimum(lengths, pl_module.n_pos) if pl_module.n_pos else lengths
         widths = pl_module.estimated_widths()
-        # On disk: Parquet has no 16-bit integer, so bfloat16's uint16 patterns take an INT32 each.
-        value_bytes = 2 if pl_module.storage_dtype == "float16" else 4
+        # On disk: float16 and bfloat16 (2-byte binaries) take 2 bytes a value, float32 4.
+        value_bytes = 4 if pl_module.storage_dtype == "float32" else 2
         # Per token: the vectors, its token id, and in the token layout example_id + position.
         per_token = sum(widths.values()) * value_bytes + 4 + (12 if self.layout == "token" else 0)
         estimate = int(exported.sum()) * per_token
@@ -263,7 +276,15 @@ class ParquetShardWriter(BasePredictionWriter):
                 f"writer.output_dir {folder} holds an export with different settings ({', '.join(differences)}); "
                 "use another writer.output_dir, or writer.overwrite: true to replace it"
             )
-        return "complete" if manifest.get("complete") else "resume"
+        if manifest.get("complete"):
+            return "complete"
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise ConfigError(
+                f"writer.output_dir {folder} holds an unfinished export in file format "
+                f"{manifest.get('format_version')}, this version writes format {FORMAT_VERSION}: its shards "
+                "cannot be mixed; use another writer.output_dir, or writer.overwrite: true to start afresh"
+            )
+        return "resume"
 
     def _own_files(self, entries: list[str]) -> list[str]:
         own = [n for n in entries if n in (MANIFEST, CONFIG, CARD, REPORT) or is_tmp_file(n)]
@@ -343,7 +364,7 @@ class ParquetShardWriter(BasePredictionWriter):
         widths = {column: prediction["layers"][column].shape[1] for column in self.vector_columns}
         features = build_features(widths, self.storage_dtype, trainer.datamodule.label_features, self.layout)
         self.schema = build_schema(features, self.storage_dtype)
-        self.options = parquet_options(self.schema, self.compression, self.vector_columns)
+        self.options = parquet_options(self.schema, self.compression, self.vector_columns, self.compression_level)
         self._writer = ShardWriterPool(
             self.writer_threads,
             folder=self.output_dir,

@@ -58,6 +58,7 @@ CASES = {
     "max-shards-zero": _case({"writer.max_shards": 0}, message="writer.max_shards must be a positive integer"),
     "unknown-dtype": _case({"model.dtype": "float8"}, message='Parser key "model.dtype": Expected a typing.Literal'),
     "unknown-output-dtype": _case({"model.output_dtype": "int8"}, message="int8"),
+    "level-without-zstd": _case({"writer.compression": "lz4", "writer.compression_level": 3}, message="writer.compression_level is set (3) but writer.compression is 'lz4'"),
     "unknown-vector-encoder": _case({"writer.vector_encoder": "fast"}, message='Parser key "writer.vector_encoder"'),
     "checkpoint-missing": _case({"model.checkpoint": "/nonexistent/model"}, message="model.checkpoint '/nonexistent/model' is not a folder"),
     "hub-id-offline": _case({"model.checkpoint": "someone/not-cached"}, message="model.checkpoint 'someone/not-cached' could not be loaded"),

@@ -46,7 +46,7 @@ def test_plan_estimate_matches_the_export(tmp_path, checkpoints, games_file, dty
     assert plan["estimated_shards"] == manifest["totals"]["shards"]
     assert abs(plan["estimated_bytes"] - manifest["totals"]["bytes"]) < 0.15 * manifest["totals"]["bytes"] + 20_000
     # Per token, on disk (this small export's footers would hide a wrong size in the total):
-    # bfloat16 takes 4 bytes a value, as Parquet stores uint16 in INT32.
+    # bfloat16 takes 2 bytes a value, as float16 does (2-byte binaries).
     per_token = plan["bytes_per_token"]
     vector_bytes = 0
     for shard in out.glob("*.parquet"):

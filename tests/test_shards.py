@@ -64,12 +64,16 @@ def test_several_writer_threads_write_identical_shards(tmp_path, checkpoints, ga
         assert pq.read_table(a).equals(pq.read_table(b))
 
 
-@pytest.mark.parametrize("layout", ["sequence", "token"])
-def test_direct_and_arrow_vector_encoders_write_the_same_data(tmp_path, checkpoints, games_file, layout, monkeypatch):
+@pytest.mark.parametrize(
+    ("layout", "compression"), [("sequence", "none"), ("token", "none"), ("sequence", "zstd"), ("token", "lz4")]
+)
+def test_direct_and_arrow_vector_encoders_write_the_same_data(tmp_path, checkpoints, games_file, layout, compression, monkeypatch):
     settings = {
         "data.batch_size": 3, "model.layers": "[0, 3]", "model.output_dtype": "float16",
-        "data.label_columns": "[Site, Scores]", "writer.layout": layout,
+        "data.label_columns": "[Site, Scores]", "writer.layout": layout, "writer.compression": compression,
     }
+    if compression == "zstd":
+        settings["writer.compression_level"] = 3
     direct_chunks = []
     original = VectorParquetWriter._write_vector_chunk
     monkeypatch.setattr(
@@ -84,3 +88,7 @@ def test_direct_and_arrow_vector_encoders_write_the_same_data(tmp_path, checkpoi
     for a, b in zip(direct, arrow):
         assert pq.read_table(a).equals(pq.read_table(b))
         assert pq.read_metadata(a).metadata == pq.read_metadata(b).metadata
+        if compression != "none":
+            group = pq.read_metadata(a).row_group(0)
+            vector = next(group.column(i) for i in range(group.num_columns) if group.column(i).path_in_schema.startswith("layer_0"))
+            assert vector.compression != "UNCOMPRESSED"
