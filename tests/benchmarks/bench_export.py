@@ -143,6 +143,7 @@ def phase_export(args) -> dict:
         "--writer.batches_per_shard", str(args.batches_per_shard), "--writer.vector_encoder", args.vector_encoder,
         # A comma list of thread counts is for the writer phase; the export uses the first.
         "--writer.writer_threads", str(args.writer_threads).split(",")[0], "--writer.compression", args.compression,
+        *(["--writer.compression_level", str(args.compression_level)] if args.compression_level else []),
         "--trainer.accelerator", "gpu" if args.device == "cuda" else "cpu", "--trainer.devices", "1",
         "--trainer.enable_progress_bar", "false",
     ]
@@ -193,7 +194,7 @@ def phase_writer(args) -> dict:
         with tempfile.TemporaryDirectory() as folder:
             pool = ShardWriterPool(
                 threads, folder=Path(folder), rank=0, schema=schema,
-                options=parquet_options(schema, args.compression, columns),
+                options=parquet_options(schema, args.compression, columns, args.compression_level),
                 encode=lambda item: (batch_to_table(item, schema), rows * length, rows), max_pending=2,
                 vector_encoder=args.vector_encoder,
             )
@@ -204,7 +205,9 @@ def phase_writer(args) -> dict:
                     pool.submit(shard, prediction, i == per_shard - 1)
             pool.close()
             seconds = time.perf_counter() - start
+            on_disk = sum(f.stat().st_size for f in Path(folder).glob("*.parquet"))
         results[f"threads_{threads}_mb_per_s"] = shards * per_shard * batch_bytes / seconds / 1e6
+        results[f"threads_{threads}_disk_over_input"] = on_disk / (shards * per_shard * batch_bytes)
     return results
 
 
@@ -268,6 +271,7 @@ def main() -> None:
     parser.add_argument("--batches-per-shard", type=int, default=4)
     parser.add_argument("--writer-threads", default="1", help="threads; a comma list for the writer phase")
     parser.add_argument("--compression", default="none")
+    parser.add_argument("--compression-level", type=int, default=None, help="zstd level (unset: the codec's default)")
     parser.add_argument("--mmap-threshold", type=int, default=None, help="fix glibc's M_MMAP_THRESHOLD at this many bytes in the floor and export (unset: glibc's default)")
     parser.add_argument("--vector-encoder", default="direct", choices=["direct", "arrow"])
     parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
