@@ -59,6 +59,9 @@ class TokenStore:
     def sequence(self, position: int) -> np.ndarray:
         return self.values[self.offsets[position] : self.offsets[position + 1]]
 
+    def sequences(self, positions: np.ndarray) -> list[np.ndarray]:
+        return [self.sequence(int(p)) for p in positions]
+
 
 def length_order(lengths: np.ndarray, descending: bool = False) -> np.ndarray:
     """Stable order of positions by token count (ties keep their input order)."""
@@ -73,26 +76,48 @@ def chunk_batches(num_examples: int, batch_size: int) -> list[np.ndarray]:
     return [np.arange(s, min(s + batch_size, num_examples)) for s in range(0, num_examples, batch_size)]
 
 
-def pack_batches(order: np.ndarray, lengths: np.ndarray, batch_size: int, max_tokens: int | None = None) -> list[np.ndarray]:
-    """Consecutive runs of ``order`` as batches of at most ``batch_size`` sequences.
+class BatchPacker:
+    """Greedy packing of positions, one at a time, into batches of at most ``batch_size`` sequences
+    and (with ``max_tokens``) at most ``max_tokens`` padded tokens; a single sequence longer than the
+    budget gets a batch of its own. Fed the same positions, in memory or from a stream, it closes
+    the same batches."""
 
-    With ``max_tokens``, a batch also stays within the budget ``padded length x sequences``; a single
-    sequence longer than the budget gets a batch of its own. Greedy, so packing the remainder of a
-    list from a batch boundary gives the same batches again.
-    """
+    def __init__(self, batch_size: int, max_tokens: int | None = None) -> None:
+        self.batch_size, self.max_tokens = batch_size, max_tokens
+        self._positions: list[int] = []
+        self._longest = 0
+
+    def add(self, position: int, length: int) -> np.ndarray | None:
+        """Add one position; returns the batch it closed, if any (the position starts the next)."""
+        closed = None
+        count = len(self._positions)
+        if count and (
+            count >= self.batch_size
+            or (self.max_tokens is not None and max(self._longest, length) * (count + 1) > self.max_tokens)
+        ):
+            closed = self.flush()
+        self._positions.append(position)
+        self._longest = max(self._longest, length)
+        return closed
+
+    def flush(self) -> np.ndarray | None:
+        """The open batch, if any, closed."""
+        if not self._positions:
+            return None
+        batch = np.asarray(self._positions, dtype=np.int64)
+        self._positions, self._longest = [], 0
+        return batch
+
+
+def pack_batches(order: np.ndarray, lengths: np.ndarray, batch_size: int, max_tokens: int | None = None) -> list[np.ndarray]:
+    """Consecutive runs of ``order`` as batches (``BatchPacker``). Greedy, so packing the remainder of a
+    list from a batch boundary gives the same batches again."""
     if max_tokens is None:
         return [order[b] for b in chunk_batches(len(order), batch_size)]
-    batches, start, longest = [], 0, 0
-    for i, position in enumerate(order):
-        length = int(lengths[position])
-        count = i - start
-        if count and (count >= batch_size or max(longest, length) * (count + 1) > max_tokens):
-            batches.append(order[start:i])
-            start, longest = i, 0
-        longest = max(longest, length)
-    if start < len(order):
-        batches.append(order[start:])
-    return batches
+    packer = BatchPacker(batch_size, max_tokens)
+    batches = [b for position in order if (b := packer.add(int(position), int(lengths[position]))) is not None]
+    last = packer.flush()
+    return batches if last is None else [*batches, last]
 
 
 def plan_batches(
@@ -181,7 +206,8 @@ def rank_batches(
 
 
 def collate(
-    store: TokenStore, planned: PlannedBatch, pad_id: int = 0, padding_side: PaddingSide = "right"
+    store: TokenStore, planned: PlannedBatch, pad_id: int = 0, padding_side: PaddingSide = "right",
+    labels: object = None,
 ) -> dict:
     """Pad one batch; returns the model inputs plus what the writer needs to place each row.
 
@@ -195,8 +221,7 @@ def collate(
     attention_mask = np.zeros((len(positions), seq_len), dtype=np.int64)
     position_ids = np.zeros((len(positions), seq_len), dtype=np.int64)
     first_token = np.zeros(len(positions), dtype=np.int64) if padding_side == "right" else seq_len - lengths
-    for row, (position, start) in enumerate(zip(positions, first_token)):
-        tokens = store.sequence(position)
+    for row, (tokens, start) in enumerate(zip(store.sequences(positions), first_token)):
         input_ids[row, start : start + len(tokens)] = tokens
         attention_mask[row, start : start + len(tokens)] = 1
         position_ids[row, start : start + len(tokens)] = np.arange(len(tokens))
@@ -213,6 +238,9 @@ def collate(
         "host_tokens": int(lengths.sum()),
         "shard_index": planned.shard_index,
         "last_in_shard": planned.last_in_shard,
+        # Streaming: the label rows travel with the batch (an Arrow table); else the writer takes them
+        # from the data module by example id.
+        "labels": labels,
     }
 
 

@@ -15,7 +15,8 @@ from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCL
 
 from actlightning.data import ActivationDataModule
 from actlightning.errors import ActivationError, ConfigError
-from actlightning.module import ActivationModule, context_size
+from actlightning.loading import context_size
+from actlightning.module import ActivationModule
 from actlightning.progress import TokenProgressBar
 from actlightning.writer import ParquetShardWriter
 
@@ -204,6 +205,8 @@ class ActLightningCLI(LightningCLI):
             log.info("the export in %s is already complete; nothing to do", writer.output_dir)
             return
         datamodule.model_context = context_size(model.config)
+        # Tokenize once into the on-disk cache (a lock lets one of several processes do it), then plan.
+        datamodule.prepare_data()
         writer.plan_export(model, datamodule)
         if writer.dry_run:
             log.info("writer.dry_run: stopping before the export; nothing was written")

@@ -30,13 +30,19 @@ from actlightning.batching import (
     rank_batches,
 )
 from actlightning.errors import ConfigError
-from actlightning.filters import dedupe, drop_prefixes, length_range, shuffle_and_limit
+from actlightning.filters import length_range, shuffle_and_limit
 from actlightning.schema import is_reserved_column
+from actlightning.tokens import (
+    LENGTH,
+    TOKENS,
+    TokenTable,
+    dedupe_rows,
+    drop_prefix_rows,
+    token_column_of_pretokenized,
+    tokenize_dataset,
+)
 
 log = logging.getLogger(__name__)
-
-# Tokenizing in chunks keeps memory flat and lets the fast tokenizer batch in Rust.
-_TOKENIZE_CHUNK = 4096
 
 
 def _is_saved_dataset(path: str) -> bool:
@@ -111,6 +117,12 @@ class ActivationDataModule(LightningDataModule):
         padding_side: Where padding goes in a batch. Both equal the unpadded forward within float tolerance (explicit position
             ids and attention mask); ``right`` needs no masking for causal attention.
         num_workers: DataLoader worker processes for collation.
+        num_proc: Processes tokenizing the split (once: the result is cached on disk beside the
+            dataset and reused by every rank, rerun and resume). Unset: one.
+        streaming: Read the dataset as a stream (``load_dataset(..., streaming=True)``): nothing is
+            downloaded or cached up front, and host memory stays flat whatever the dataset's size.
+            Examples are sorted and batched within windows of ``bucket_size``; settings that need the
+            whole dataset up front are refused (see the README).
         tokenizer: Tokenizer to load; linked to ``model.checkpoint`` by the CLI.
         tokenizer_revision: Revision of the tokenizer; linked to ``model.revision`` by the CLI.
     """
@@ -141,6 +153,8 @@ class ActivationDataModule(LightningDataModule):
         auto_find_batch_size: bool = False,
         padding_side: PaddingSide = "right",
         num_workers: int = 0,
+        num_proc: int | None = None,
+        streaming: bool = False,
         tokenizer: str | None = None,
         tokenizer_revision: str | None = None,
     ) -> None:
@@ -157,6 +171,15 @@ class ActivationDataModule(LightningDataModule):
             )
         if num_workers < 0:
             raise ConfigError(f"data.num_workers must be 0 or more, got {num_workers}")
+        _positive("num_proc", num_proc)
+        if streaming:
+            from actlightning.stream import check_streaming_settings
+
+            check_streaming_settings(
+                sort_by_length=sort_by_length, bucket_size=bucket_size, dedupe=dedupe, drop_prefixes=drop_prefixes,
+                shuffle_seed=shuffle_seed, batch_order_seed=batch_order_seed,
+                auto_find_batch_size=auto_find_batch_size, num_workers=num_workers,
+            )
         self.path = path
         self.input_column = input_column
         self.name = name
@@ -181,6 +204,8 @@ class ActivationDataModule(LightningDataModule):
         self.auto_find_batch_size = auto_find_batch_size
         self.padding_side = padding_side
         self.num_workers = num_workers
+        self.num_proc = num_proc
+        self.streaming = streaming
         self.tokenizer_name = tokenizer
         self.tokenizer_revision = tokenizer_revision
         for label in self.label_columns:
@@ -189,7 +214,7 @@ class ActivationDataModule(LightningDataModule):
                     f"data.label_columns contains {label!r}, which is the name of a column the export writes; "
                     "rename it in the dataset first"
                 )
-        self.store: TokenStore | None = None
+        self.store: TokenTable | TokenStore | None = None
         self.labels: pa.Table | None = None
         self.label_features: dict = {}
         # Rows removed by each selection step, in order; reported in the log and the manifest.
@@ -202,6 +227,8 @@ class ActivationDataModule(LightningDataModule):
         self.pad_id = 0
         # The model's context size, when known before a Trainer is attached (set by the CLI).
         self.model_context: int | None = None
+        self.stream_counts = None
+        self._pretokenized = False
 
     def load(self) -> Dataset:
         """The split to export, as a ``datasets.Dataset``; a wrong path, name or split is a ConfigError."""
@@ -229,6 +256,10 @@ class ActivationDataModule(LightningDataModule):
         except Exception as error:  # noqa: BLE001 - any failure to read the data is reported as one line
             cause = error.__cause__ if isinstance(error, DatasetGenerationError) and error.__cause__ else error
             text = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+            if text.startswith("Unknown split"):
+                # The builder knows its splits only once it has read the data: the same error, later.
+                splits = text.split("Should be one of", 1)[-1].strip(" .")
+                raise ConfigError(f"data.split {self.split!r} does not exist; the splits are {splits}") from None
             if "corresponds to no data" in text or isinstance(cause, StopIteration):
                 raise ConfigError(
                     f"data.split {self.split!r} of data.path {self.path!r} is empty: there is nothing to export"
@@ -241,17 +272,8 @@ class ActivationDataModule(LightningDataModule):
         given.append(("split", self.split))
         return f"data.path {self.path!r} ({', '.join(f'data.{k} {v!r}' for k, v in given)})"
 
-    def _inputs(self, dataset: Dataset, positions: np.ndarray) -> list:
-        """The input column at ``positions``: strings, or tuples of token ids when pre-tokenized."""
-        values = dataset.data.column(self.input_column).take(pa.array(positions, type=pa.int64())).to_pylist()
-        if self._pretokenized:
-            return [tuple(v) if v is not None else () for v in values]
-        return [v if v is not None else "" for v in values]
-
-    def _tokenize(self, inputs: list, example_ids: np.ndarray) -> TokenStore:
-        if self._pretokenized:
-            return TokenStore.from_sequences(inputs, example_ids)
-        from actlightning.module import load_pretrained
+    def _tokenizer(self):
+        from actlightning.loading import load_pretrained
 
         tokenizer = load_pretrained(
             AutoTokenizer.from_pretrained, "model.checkpoint (its tokenizer)", self.tokenizer_name,
@@ -259,19 +281,39 @@ class ActivationDataModule(LightningDataModule):
         )
         if tokenizer.pad_token_id is not None:
             self.pad_id = tokenizer.pad_token_id
-        sequences: list[list[int]] = []
-        for start in range(0, len(inputs), _TOKENIZE_CHUNK):
-            sequences.extend(tokenizer(inputs[start : start + _TOKENIZE_CHUNK], add_special_tokens=True)["input_ids"])
-        return TokenStore.from_sequences(sequences, example_ids)
+        return tokenizer
 
     def _select(self, step: str, kept: np.ndarray, before: int) -> None:
+        """Record how many rows ``step`` removed."""
         self.removed[step] = int(before - len(kept))
+
+    def prepare_data(self) -> None:
+        """Tokenize the split once, into ``datasets``' on-disk cache (Lightning runs this once per node;
+        every rank's ``setup``, every rerun and every resume then read the cache)."""
+        if self.streaming:
+            return
+        if self.tokenizer_name is None:
+            raise ConfigError("data.tokenizer is unset; the CLI links it to model.checkpoint")
+        dataset = self.load()
+        self._check_columns(dataset)
+        if not self._pretokenized:
+            tokenize_dataset(dataset, self.input_column, self._tokenizer(), self.num_proc)
+
+    def _tokens(self, dataset: Dataset) -> tuple[object, np.ndarray]:
+        """Every loaded row's tokens (a memory-mapped Arrow column) and token counts."""
+        if self._pretokenized:
+            return token_column_of_pretokenized(dataset, self.input_column)
+        tokenized = tokenize_dataset(dataset, self.input_column, self._tokenizer(), self.num_proc)
+        return tokenized.data.column(TOKENS), tokenized.data.column(LENGTH).to_numpy().astype(np.int64)
 
     def setup(self, stage: str) -> None:
         if self.store is not None:
             return
         if self.tokenizer_name is None:
             raise ConfigError("data.tokenizer is unset; the CLI links it to model.checkpoint")
+        if self.streaming:
+            self._setup_stream()
+            return
         dataset = self.load()
         self._check_columns(dataset)
         if dataset._indices is not None:
@@ -284,14 +326,14 @@ class ActivationDataModule(LightningDataModule):
             keep = np.fromiter((bool(self.filter(row)) for row in dataset), dtype=bool, count=len(dataset))
             self._select("filter", ids[keep], len(ids))
             ids = ids[keep]
-        inputs = self._inputs(dataset, ids)
-        for step, enabled, select in [("dedupe", self.dedupe, dedupe), ("drop_prefixes", self.drop_prefixes, drop_prefixes)]:
+        text = dataset.data.column(self.input_column)
+        for step, enabled, select in [("dedupe", self.dedupe, dedupe_rows), ("drop_prefixes", self.drop_prefixes, drop_prefix_rows)]:
             if enabled:
-                kept = select(inputs)
+                kept = select(text, ids)
                 self._select(step, kept, len(ids))
-                ids, inputs = ids[kept], [inputs[i] for i in kept]
-        store = self._tokenize(inputs, ids)
-        del inputs
+                ids = kept
+        tokens, lengths = self._tokens(dataset)
+        store = TokenTable(tokens, ids, lengths[ids])
         kept = np.flatnonzero(store.lengths > 0)
         self._select("empty", kept, len(store))
         store = store.select(kept)
@@ -303,13 +345,7 @@ class ActivationDataModule(LightningDataModule):
             kept = shuffle_and_limit(len(store), self.shuffle_seed, self.limit)
             self._select("limit", kept, len(store))
             store = store.select(kept)
-        context = self._model_context()
-        if self.max_length is not None and context is not None and self.max_length > context:
-            raise ConfigError(
-                f"data.max_length is {self.max_length}, above the model's context size {context}; "
-                f"use at most {context}, or leave it unset to truncate at the context size"
-            )
-        max_length = self.max_length if self.max_length is not None else context
+        max_length = self._max_length()
         self.stats["truncated"] = int((store.lengths > max_length).sum()) if max_length else 0
         store = store.select(np.arange(len(store)), max_length=max_length)
         if len(store) == 0:
@@ -327,6 +363,16 @@ class ActivationDataModule(LightningDataModule):
             self.path, len(dataset), len(store), self.stats["tokens"], self.removed, self.stats["truncated"], max_length,
         )
 
+    def _max_length(self) -> int | None:
+        """``data.max_length``, checked against the model's context; unset: the context size."""
+        context = self._model_context()
+        if self.max_length is not None and context is not None and self.max_length > context:
+            raise ConfigError(
+                f"data.max_length is {self.max_length}, above the model's context size {context}; "
+                f"use at most {context}, or leave it unset to truncate at the context size"
+            )
+        return self.max_length if self.max_length is not None else context
+
     def _check_columns(self, dataset: Dataset) -> None:
         missing = [c for c in [self.input_column, *self.label_columns] if c not in dataset.column_names]
         if missing:
@@ -334,7 +380,9 @@ class ActivationDataModule(LightningDataModule):
                 f"column(s) {missing} not in the dataset; its columns are {dataset.column_names} "
                 "(check data.input_column and data.label_columns)"
             )
-        arrow_type = dataset.data.schema.field(self.input_column).type
+        self._set_input_kind(dataset.data.schema.field(self.input_column).type)
+
+    def _set_input_kind(self, arrow_type: pa.DataType) -> None:
         self._pretokenized = (
             pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type)
         ) and pa.types.is_integer(arrow_type.value_type)
@@ -352,7 +400,7 @@ class ActivationDataModule(LightningDataModule):
         config = getattr(module, "config", None)
         if config is None:
             return None
-        from actlightning.module import context_size
+        from actlightning.loading import context_size
 
         return context_size(config)
 
@@ -378,6 +426,7 @@ class ActivationDataModule(LightningDataModule):
             "sort_reversed": self.sort_reversed,
             "bucket_size": self.bucket_size,
             "batch_order_seed": self.batch_order_seed,
+            "streaming": self.streaming,
         }
 
     def configure_sharding(
@@ -461,6 +510,8 @@ class ActivationDataModule(LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         trainer = self.trainer
+        if self.streaming:
+            return self._stream_dataloader()
         if self.auto_find_batch_size and trainer is not None:
             self._search_batch_size()
         shards, shard_ids = self.plan()
@@ -485,4 +536,72 @@ class ActivationDataModule(LightningDataModule):
 
     def summary(self) -> dict:
         """Selection and batching numbers for the manifest."""
+        if self.streaming and self.stream_counts is not None:
+            counts = self.stream_counts
+            self.removed = dict(counts.removed)
+            self.stats.update(loaded=counts.loaded, selected=counts.selected, tokens=counts.tokens, truncated=counts.truncated)
+            if counts.padded_tokens:
+                self.stats["padding_efficiency"] = round(counts.real_tokens / counts.padded_tokens, 4)
         return {"removed": dict(self.removed), **self.stats}
+
+    # --- streaming -------------------------------------------------------------------------------
+
+    def _setup_stream(self) -> None:
+        try:
+            stream = load_dataset(
+                self.path, self.name, split=self.split, data_files=self.data_files, revision=self.revision, streaming=True
+            )
+        except (FileNotFoundError, OSError, ValueError) as error:
+            message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ConfigError(f"{self._source()} could not be streamed: {message}") from None
+        if stream.features is None:
+            stream = stream._resolve_features()
+        features = stream.features
+        missing = [c for c in [self.input_column, *self.label_columns] if c not in features]
+        if missing:
+            raise ConfigError(
+                f"column(s) {missing} not in the dataset; its columns are {list(features)} "
+                "(check data.input_column and data.label_columns)"
+            )
+        arrow_type = features.arrow_schema.field(self.input_column).type
+        self._set_input_kind(arrow_type)
+        self._stream = stream
+        self.label_features = {c: features[c] for c in self.label_columns}
+        self._label_schema = None
+        if self.label_columns:
+            from datasets import Features
+
+            self._label_schema = Features(self.label_features).arrow_schema
+        self._stream_tokenizer = None if self._pretokenized else self._tokenizer()
+        from actlightning.stream import StreamCounts
+
+        self.stream_counts = StreamCounts()
+        self.store = "stream"
+        log.info("dataset %s: streaming (examples and tokens are counted as they arrive)", self.path)
+
+    def stream_shards(self):
+        """Every shard of the stream, in order (see ``actlightning.stream``); counts go to ``stream_counts``."""
+        from actlightning.stream import StreamCounts, selected_examples, stream_shards
+
+        self.stream_counts = StreamCounts()
+        tokenizer = self._stream_tokenizer
+        tokenize = None if tokenizer is None else (lambda inputs: tokenizer(inputs, add_special_tokens=True)["input_ids"])
+        examples = selected_examples(
+            iter(self._stream), self.input_column, self.label_columns, tokenize, self.filter, self.min_tokens,
+            self.max_tokens_per_sequence, self.limit, self._max_length(), self.stream_counts,
+        )
+        return stream_shards(
+            examples, self.batch_size, self.max_tokens, self.bucket_size, self.sort_reversed,
+            self.batches_per_shard, self.max_shards, self._label_schema, self.stream_counts,
+        )
+
+    def _stream_dataloader(self) -> DataLoader:
+        from actlightning.stream import StreamingBatches
+
+        trainer = self.trainer
+        rank, world_size = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        self.stats["planned_tokens_this_rank"] = 0  # unknown: the progress bar shows no total
+        batches = StreamingBatches(
+            self.stream_shards, self.taken_shard_indices, rank, world_size, self.pad_id, self.padding_side
+        )
+        return DataLoader(batches, batch_size=None, num_workers=0)

@@ -69,6 +69,15 @@ def summary_text(manifest: dict, shards_this_run: int) -> str:
     )
 
 
+def _log_loading(loading: dict) -> None:
+    log.info(
+        "plan: loading %d of %s (%s of %s parameters, %s of %s as %s)%s",
+        loading["blocks_loaded"], plural(loading["blocks"], "block"), f"{loading['parameters_loaded']:,}",
+        f"{loading['parameters']:,}", human_bytes(loading["weight_bytes_loaded"]), human_bytes(loading["weight_bytes"]),
+        loading["dtype"], "" if loading["blocks_loaded"] < loading["blocks"] else ": the export needs the full forward",
+    )
+
+
 def interrupted_text(output_dir: Path, shards_this_run: int) -> str:
     """What Ctrl-C leaves behind, and how to go on."""
     complete = len(shard_files(output_dir)) if output_dir.is_dir() else 0
@@ -194,6 +203,8 @@ class ParquetShardWriter(BasePredictionWriter):
         """
         datamodule.setup("predict")
         datamodule.configure_sharding(self.batches_per_shard, self.max_shards)
+        if getattr(datamodule, "streaming", False):
+            return self._plan_stream(pl_module)
         shards, _ = datamodule.plan()
         store = datamodule.store
         lengths = np.concatenate([store.lengths[b] for shard in shards for b in shard]) if shards else np.zeros(0, dtype=np.int64)
@@ -227,13 +238,7 @@ class ParquetShardWriter(BasePredictionWriter):
             ", ".join(widths), plural(per_token, "byte"), pl_module.storage_dtype, human_bytes(estimate),
             plural(len(shards), "shard"), human_bytes(already), human_bytes(free), probe,
         )
-        loading = plan["model"]
-        log.info(
-            "plan: loading %d of %s (%s of %s parameters, %s of %s as %s)%s",
-            loading["blocks_loaded"], plural(loading["blocks"], "block"), f"{loading['parameters_loaded']:,}",
-            f"{loading['parameters']:,}", human_bytes(loading["weight_bytes_loaded"]), human_bytes(loading["weight_bytes"]),
-            loading["dtype"], "" if loading["blocks_loaded"] < loading["blocks"] else ": the export needs the full forward",
-        )
+        _log_loading(plan["model"])
         if estimate - already > free and not self.ignore_free_space:
             raise ConfigError(
                 f"the export needs about {human_bytes(estimate - already)} but {probe} has {human_bytes(free)} free; "
@@ -241,6 +246,26 @@ class ParquetShardWriter(BasePredictionWriter):
                 "or set writer.ignore_free_space: true"
             )
         return plan
+
+    def _plan_stream(self, pl_module: LightningModule) -> dict:
+        """A streaming export's plan: what is known before the stream is read."""
+        widths = pl_module.estimated_widths()
+        value_bytes = 4 if pl_module.storage_dtype == "float32" else 2
+        per_token = sum(widths.values()) * value_bytes + 4 + (12 if self.layout == "token" else 0)
+        probe = _nearest_existing(self.output_dir)
+        free = shutil.disk_usage(probe).free
+        self.plan = {
+            "examples": None, "tokens": None, "columns": widths, "bytes_per_token": per_token,
+            "estimated_bytes": None, "estimated_shards": None, "free_bytes": free, "model": pl_module.load_plan(),
+        }
+        log.info(
+            "plan: streaming, so examples, tokens and size are counted as they come; %s (%s), %s per token as %s "
+            "(%s per million tokens); %s free at %s",
+            plural(len(widths), "vector column"), ", ".join(widths), plural(per_token, "byte"), pl_module.storage_dtype,
+            human_bytes(per_token * 1_000_000), human_bytes(free), probe,
+        )
+        _log_loading(self.plan["model"])
+        return self.plan
 
     def inspect_output_dir(self, settings: dict) -> ExportState:
         """What ``output_dir`` holds, read-only: ``new``, ``resume``, ``complete`` or ``overwrite``.
@@ -394,8 +419,8 @@ class ParquetShardWriter(BasePredictionWriter):
     ) -> None:
         if self._writer is None:
             self._start_writers(trainer, prediction)
-        labels = None
-        if trainer.datamodule.label_columns:
+        labels = batch.get("labels")
+        if labels is None and trainer.datamodule.label_columns:
             labels = trainer.datamodule.label_rows(batch["host_example_id"])
         self.tokens_submitted += batch["host_tokens"]
         self._writer.submit(prediction["shard_index"], (prediction, labels), prediction["last_in_shard"])
