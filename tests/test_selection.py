@@ -116,3 +116,44 @@ def test_find_batch_size_halves_until_it_fits():
     assert tried == [32, 16, 8, 4]
     with pytest.raises(RuntimeError, match="not even a single sequence"):
         find_batch_size(lambda size: False, 4)
+
+
+def _arrow(values):
+    import pyarrow as pa
+
+    return pa.chunked_array([pa.array(values[:3], pa.string()), pa.array(values[3:], pa.string())])
+
+
+@pytest.mark.parametrize("chunk_rows", [2, 65536])
+def test_arrow_side_selection_matches_the_in_memory_functions(monkeypatch, chunk_rows):
+    """dedupe_rows / drop_prefix_rows (memory-mapped columns, bounded chunks) agree with the reference."""
+    import actlightning.tokens as tokens
+
+    monkeypatch.setattr(tokens, "_CHUNK_ROWS", chunk_rows)
+    rng = random.Random(1)
+    for _ in range(200):
+        inputs = ["".join(rng.choice("abé ") for _ in range(rng.randint(0, 5))) for _ in range(rng.randint(3, 14))]
+        column = _arrow(inputs)
+        everything = np.arange(len(inputs))
+        assert tokens.dedupe_rows(column, everything).tolist() == dedupe(inputs).tolist()
+        assert tokens.drop_prefix_rows(column, everything).tolist() == _brute_force_prefixes(inputs)
+        subset = np.asarray(sorted(rng.sample(range(len(inputs)), rng.randint(1, len(inputs)))))
+        kept = tokens.drop_prefix_rows(column, subset).tolist()
+        assert kept == [int(subset[i]) for i in _brute_force_prefixes([inputs[j] for j in subset])]
+
+
+def test_batch_packer_closes_the_same_batches_one_position_at_a_time():
+    from actlightning.batching import BatchPacker
+
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        lengths = rng.integers(1, 60, size=int(rng.integers(1, 80)))
+        order = rng.permutation(len(lengths))
+        budget = int(rng.integers(60, 300))
+        packer, streamed = BatchPacker(7, budget), []
+        for position in order:
+            closed = packer.add(int(position), int(lengths[position]))
+            if closed is not None:
+                streamed.append(closed.tolist())
+        streamed.append(packer.flush().tolist())
+        assert streamed == [b.tolist() for b in pack_batches(order, lengths, 7, budget)]

@@ -242,7 +242,92 @@ def phase_load(args) -> dict:
             "peak_rss_mb": _peak_rss_mb(), **module.load_plan()}
 
 
-PHASES = {"load": phase_load, "floor": phase_floor, "export": phase_export, "writer": phase_writer, "reader": phase_reader}
+def build_data_rows(workdir: Path, rows: int, seed: int = 0) -> Path:
+    """``rows`` chess transcripts (~270 characters, i.e. tokens, each) as one Parquet file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = workdir / f"games-{rows}.parquet"
+    if path.exists():
+        return path
+    from actlightning.demo import _random_move
+
+    import random
+
+    rng = random.Random(seed)
+    moves = [_random_move(rng) for _ in range(4096)]
+    np_rng = np.random.default_rng(seed)
+    writer = None
+    for start in range(0, rows, 100_000):
+        count = min(100_000, rows - start)
+        counts = np.clip(np_rng.lognormal(3.9, 0.5, size=count), 1, 200).astype(int)
+        picks = np_rng.integers(0, len(moves), size=int(counts.sum()))
+        ends = np.cumsum(counts)
+        texts = [" ".join(moves[i] for i in picks[e - c : e])[:1023] for c, e in zip(counts, ends)]
+        table = pa.table({"Transcript": texts, "WhiteElo": np_rng.integers(800, 2800, size=count)})
+        writer = writer or pq.ParquetWriter(path, table.schema)
+        writer.write_table(table)
+    writer.close()
+    return path
+
+
+def phase_tokenizer(args) -> dict:
+    """The fast tokenizer alone, batches of 4,096 texts: the floor of the data side."""
+    import pyarrow.parquet as pq
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+    start = time.perf_counter()
+    tokens = 0
+    for batch in pq.ParquetFile(args.data).iter_batches(batch_size=4096, columns=["Transcript"]):
+        tokens += sum(len(ids) for ids in tokenizer(batch.column(0).to_pylist())["input_ids"])
+    return {"seconds": time.perf_counter() - start, "tokens": tokens, "peak_rss_mb": _peak_rss_mb()}
+
+
+def phase_data(args) -> dict:
+    """The data side of an export through the real CLI, up to the plan (``writer.dry_run``)."""
+    from actlightning.cli import ActLightningCLI
+
+    cli_args = [
+        "predict", "--model.checkpoint", args.model_dir, "--data.path", "parquet", "--data.data_files", args.data,
+        "--data.input_column", "Transcript", "--writer.output_dir", str(args.out), "--writer.overwrite", "true",
+        "--writer.dry_run", "true", "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
+    ]
+    if args.num_proc:
+        cli_args += ["--data.num_proc", str(args.num_proc)]
+    if args.streaming:
+        cli_args += ["--data.streaming", "true", "--data.bucket_size", "256"]
+    start = time.perf_counter()
+    ActLightningCLI(args=cli_args)
+    return {"seconds": time.perf_counter() - start, "peak_rss_mb": _peak_rss_mb()}
+
+
+def phase_stream_first_batch(args) -> dict:
+    """Seconds from start to the first batch of a streaming export (the model loaded, one shard)."""
+    from actlightning import stream
+    from actlightning.cli import ActLightningCLI
+
+    start = time.perf_counter()
+    first = {}
+    original = stream.collate
+
+    def timed(*a, **k):
+        first.setdefault("seconds", time.perf_counter() - start)
+        return original(*a, **k)
+
+    stream.collate = timed
+    ActLightningCLI(args=[
+        "predict", "--model.checkpoint", args.model_dir, "--model.layers", "[1]", "--data.path", "parquet",
+        "--data.data_files", args.data, "--data.input_column", "Transcript", "--data.streaming", "true",
+        "--data.bucket_size", "256", "--writer.output_dir", str(args.out), "--writer.overwrite", "true",
+        "--writer.max_shards", "1", "--writer.batches_per_shard", "2", "--trainer.accelerator", "cpu",
+        "--trainer.enable_progress_bar", "false",
+    ])
+    return {"first_batch_seconds": first.get("seconds"), "total_seconds": time.perf_counter() - start,
+            "peak_rss_mb": _peak_rss_mb()}
+
+
+PHASES = {"tokenizer": phase_tokenizer, "data": phase_data, "stream": phase_stream_first_batch, "load": phase_load, "floor": phase_floor, "export": phase_export, "writer": phase_writer, "reader": phase_reader}
 
 
 def run_phase(name: str, args, **overrides) -> dict:
@@ -250,9 +335,9 @@ def run_phase(name: str, args, **overrides) -> dict:
     options = {**vars(args), **overrides}
     command = [sys.executable, __file__, "--phase", name]
     for key, value in options.items():
-        if key in ("phase", "only") or value is None:
+        if key in ("phase", "only") or value is None or value is False:
             continue
-        command += [f"--{key.replace('_', '-')}", str(value)]
+        command += [f"--{key.replace('_', '-')}"] if value is True else [f"--{key.replace('_', '-')}", str(value)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     result = subprocess.run(command, capture_output=True, text=True, env=env)
     if result.returncode != 0:
@@ -277,8 +362,11 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
     parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "actlightning-bench"))
     parser.add_argument("--repeat", type=int, default=1, help="floor/export pairs to run (the median ratio is reported)")
-    parser.add_argument("--only", default="floor,export", help="phases: floor,export,scaling,writer,reader,load")
+    parser.add_argument("--only", default="floor,export", help="phases: floor,export,scaling,writer,reader,load,data")
     parser.add_argument("--reader-layer", default="layer_6")
+    parser.add_argument("--data-rows", type=int, default=100_000, help="rows of the data phase (and 4x that)")
+    parser.add_argument("--num-proc", type=int, default=None, help="data.num_proc of the data phase")
+    parser.add_argument("--streaming", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--json", default=None, help="also write the results to this file")
     parser.add_argument("--phase", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
@@ -316,6 +404,26 @@ def main() -> None:
         report["export_4x_data"] = run_phase("export", args, **{**common, "data": str(data4), "out": str(workdir / "export4x")})
         if "export" in report:
             report["peak_rss_4x_over_1x"] = report["export_4x_data"]["peak_rss_mb"] / report["export"]["peak_rss_mb"]
+    if "data" in phases:
+        # The data side at scale: cold (tokenizing into the cache) and warm (cache hit) dry runs,
+        # against the fast tokenizer's own time; then 4x the rows; then streaming's first batch.
+        import shutil
+
+        report["data"] = {}
+        for rows in (args.data_rows, 4 * args.data_rows):
+            path = build_data_rows(workdir, rows)
+            cache = workdir / f"hf-cache-{rows}"
+            shutil.rmtree(cache, ignore_errors=True)
+            os.environ["HF_DATASETS_CACHE"] = str(cache)
+            data_args = {**common, "data": str(path), "out": str(workdir / "data-out")}
+            entry = {"tokenizer_alone": run_phase("tokenizer", args, **data_args)}
+            entry["first_run"] = run_phase("data", args, **data_args)
+            entry["second_run"] = run_phase("data", args, **data_args)
+            entry["first_over_tokenizer"] = entry["first_run"]["seconds"] / entry["tokenizer_alone"]["seconds"]
+            entry["stream_first_batch"] = run_phase("stream", args, **data_args)
+            report["data"][f"rows_{rows}"] = entry
+        one, four = (report["data"][f"rows_{r}"]["second_run"]["peak_rss_mb"] for r in (args.data_rows, 4 * args.data_rows))
+        report["data"]["peak_rss_growth_mb_per_extra_row"] = (four - one) * 2**20 / (3 * args.data_rows)
     if "load" in phases:
         # Truncated loading: `layers: [1]` builds and loads 1 of 12 blocks.
         full, short = (run_phase("load", args, **common, layers=layers) for layers in ("all", "1"))
