@@ -8,14 +8,18 @@ ranks take whole shards, so every example is exported exactly once whatever the 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from itertools import chain
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from actlightning.errors import ConfigError
+
+if TYPE_CHECKING:
+    from actlightning.tokens import TokenTable
 
 PaddingSide = Literal["right", "left"]
 
@@ -109,7 +113,9 @@ class BatchPacker:
         return batch
 
 
-def pack_batches(order: np.ndarray, lengths: np.ndarray, batch_size: int, max_tokens: int | None = None) -> list[np.ndarray]:
+def pack_batches(
+    order: np.ndarray, lengths: np.ndarray, batch_size: int, max_tokens: int | None = None
+) -> list[np.ndarray]:
     """Consecutive runs of ``order`` as batches (``BatchPacker``). Greedy, so packing the remainder of a
     list from a batch boundary gives the same batches again."""
     if max_tokens is None:
@@ -160,7 +166,9 @@ def padding_efficiency(batches: Sequence[np.ndarray], lengths: np.ndarray) -> fl
     return real / padded if padded else 1.0
 
 
-def group_shards(batches: list[np.ndarray], batches_per_shard: int, max_shards: int | None = None) -> list[list[np.ndarray]]:
+def group_shards(
+    batches: list[np.ndarray], batches_per_shard: int, max_shards: int | None = None
+) -> list[list[np.ndarray]]:
     """Consecutive batches grouped into shards of ``batches_per_shard``; keeps at most ``max_shards``.
 
     Every shard but the last is full: the prototype's last shard was one batch short.
@@ -185,6 +193,38 @@ def assign_shards(shard_tokens: Sequence[int], world_size: int) -> list[list[int
 
 
 @dataclass
+class Batch:
+    """One padded batch, as collation makes it: the model's inputs and what the writer needs.
+
+    Tensors move to the device with the batch; numpy arrays, numbers and the label table stay on the
+    host (Lightning moves tensors only), so the writer reads them without waiting for the device.
+    """
+
+    input_ids: torch.Tensor  # [B, S] int64, padded with the tokenizer's pad id
+    attention_mask: torch.Tensor  # [B, S] 1 on real tokens
+    position_ids: torch.Tensor  # [B, S] real tokens counted from 0 (0 on padding)
+    lengths: torch.Tensor  # [B] real tokens per row
+    first_token: torch.Tensor  # [B] column of each row's first real token (0 with right padding)
+    example_id: torch.Tensor  # [B] row index in the loaded split
+    host_example_id: np.ndarray  # the same, on the host
+    host_tokens: int  # real tokens in the batch
+    shard_index: int  # the shard this batch belongs to
+    last_in_shard: bool  # the shard is complete after this batch
+    # Streaming: the label rows travel with the batch; otherwise the writer takes them by example id.
+    labels: pa.Table | None = None
+
+    def rows(self, rows: slice) -> Batch:
+        """The sub-batch of ``rows`` (used to split a batch that ran out of memory)."""
+        sliced = {
+            f.name: getattr(self, f.name)[rows]
+            for f in fields(self)
+            if isinstance(getattr(self, f.name), (torch.Tensor, np.ndarray))
+        }
+        labels = None if self.labels is None else self.labels.slice(rows.start, rows.stop - rows.start)
+        return replace(self, **sliced, labels=labels, host_tokens=int(sliced["lengths"].sum()))
+
+
+@dataclass
 class PlannedBatch:
     """One batch of the plan: positions into the store, and where it sits in its shard."""
 
@@ -193,9 +233,7 @@ class PlannedBatch:
     last_in_shard: bool
 
 
-def rank_batches(
-    shards: list[list[np.ndarray]], shard_ids: Sequence[int], owned: Sequence[int]
-) -> list[PlannedBatch]:
+def rank_batches(shards: list[list[np.ndarray]], shard_ids: Sequence[int], owned: Sequence[int]) -> list[PlannedBatch]:
     """The batches one rank runs, in order: all batches of each of its shards, shard after shard."""
     planned = []
     for local in owned:
@@ -206,9 +244,12 @@ def rank_batches(
 
 
 def collate(
-    store: TokenStore, planned: PlannedBatch, pad_id: int = 0, padding_side: PaddingSide = "right",
-    labels: object = None,
-) -> dict:
+    store: TokenStore | TokenTable,
+    planned: PlannedBatch,
+    pad_id: int = 0,
+    padding_side: PaddingSide = "right",
+    labels: pa.Table | None = None,
+) -> Batch:
     """Pad one batch; returns the model inputs plus what the writer needs to place each row.
 
     Position ids count real tokens from 0 whatever the padding side, so a padded row sees the same
@@ -221,27 +262,23 @@ def collate(
     attention_mask = np.zeros((len(positions), seq_len), dtype=np.int64)
     position_ids = np.zeros((len(positions), seq_len), dtype=np.int64)
     first_token = np.zeros(len(positions), dtype=np.int64) if padding_side == "right" else seq_len - lengths
-    for row, (tokens, start) in enumerate(zip(store.sequences(positions), first_token)):
+    for row, (tokens, start) in enumerate(zip(store.sequences(positions), first_token, strict=True)):
         input_ids[row, start : start + len(tokens)] = tokens
         attention_mask[row, start : start + len(tokens)] = 1
         position_ids[row, start : start + len(tokens)] = np.arange(len(tokens))
-    return {
-        "input_ids": torch.from_numpy(input_ids),
-        "attention_mask": torch.from_numpy(attention_mask),
-        "position_ids": torch.from_numpy(position_ids),
-        "lengths": torch.from_numpy(lengths.astype(np.int64)),
-        "first_token": torch.from_numpy(np.asarray(first_token, dtype=np.int64)),
-        "example_id": torch.from_numpy(store.example_ids[positions]),
-        # numpy stays on the host when Lightning moves the batch: the writer reads these without
-        # waiting for the device.
-        "host_example_id": store.example_ids[positions],
-        "host_tokens": int(lengths.sum()),
-        "shard_index": planned.shard_index,
-        "last_in_shard": planned.last_in_shard,
-        # Streaming: the label rows travel with the batch (an Arrow table); else the writer takes them
-        # from the data module by example id.
-        "labels": labels,
-    }
+    return Batch(
+        input_ids=torch.from_numpy(input_ids),
+        attention_mask=torch.from_numpy(attention_mask),
+        position_ids=torch.from_numpy(position_ids),
+        lengths=torch.from_numpy(lengths.astype(np.int64)),
+        first_token=torch.from_numpy(np.asarray(first_token, dtype=np.int64)),
+        example_id=torch.from_numpy(store.example_ids[positions]),
+        host_example_id=store.example_ids[positions],
+        host_tokens=int(lengths.sum()),
+        shard_index=planned.shard_index,
+        last_in_shard=planned.last_in_shard,
+        labels=labels,
+    )
 
 
 def find_batch_size(fits: Callable[[int], bool], start: int) -> int:

@@ -103,7 +103,8 @@ def resolve_hook_points(
             close = difflib.get_close_matches(path, sorted(names), n=5, cutoff=0.6)
             raise ConfigError(
                 f"model.hook_points: no submodule {spec!r} in this model; close matches: {close or 'none'} "
-                f"(paths are relative to the base model, e.g. {blocks_path}.0.mlp; add {INPUT_SUFFIX} for a module's input)"
+                f"(paths are relative to the base model, e.g. {blocks_path}.0.mlp; "
+                f"add {INPUT_SUFFIX} for a module's input)"
             )
         block = None
         prefix = blocks_path + "."
@@ -117,7 +118,9 @@ def resolve_hook_points(
     return points
 
 
-def blocks_needed(layers: Sequence[int], hook_points: Sequence[HookPoint], num_layers: int, tie_last: bool = True) -> int:
+def blocks_needed(
+    layers: Sequence[int], hook_points: Sequence[HookPoint], num_layers: int, tie_last: bool = True
+) -> int:
     """How many leading decoder blocks an export runs: ``num_layers`` when anything needs the full
     forward (``hidden_states[L]`` with the final norm, or a hook point outside the blocks), else the
     blocks up to the deepest one anything is captured from (at least one: ``hidden_states[0]`` is the
@@ -165,11 +168,15 @@ class HiddenStateCapture:
         for point in hook_points:
             module = modules[point.path]
             if point.is_input:
-                self._handles.append(module.register_forward_pre_hook(self._make_pre_hook(point.column), with_kwargs=True))
+                self._handles.append(
+                    module.register_forward_pre_hook(self._make_pre_hook(point.column), with_kwargs=True)
+                )
             else:
                 self._handles.append(module.register_forward_hook(self._make_hook(point.column)))
         if 0 in wanted:
-            self._handles.append(blocks[0].register_forward_pre_hook(self._make_pre_hook(layer_column(0)), with_kwargs=True))
+            self._handles.append(
+                blocks[0].register_forward_pre_hook(self._make_pre_hook(layer_column(0)), with_kwargs=True)
+            )
         for block_index, block in enumerate(blocks):
             index = block_index + 1
             if index in wanted and not (index == self.num_layers and full_for_layers):
@@ -181,7 +188,9 @@ class HiddenStateCapture:
 
     def _make_pre_hook(self, column: str):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            self._captured[column] = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
+            self._captured[column] = (
+                args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
+            )
 
         return hook
 
@@ -208,7 +217,9 @@ class HiddenStateCapture:
             captured, self._captured = self._captured, {}
         missing = [c for c in self.columns if c not in captured]
         if missing:
-            raise ActivationError(f"the forward pass did not reach {missing}; is the module used by this model's forward?")
+            raise ActivationError(
+                f"the forward pass did not reach {missing}; is the module used by this model's forward?"
+            )
         return {c: captured[c] for c in self.columns}
 
     def remove(self) -> None:

@@ -13,6 +13,9 @@ def _describe_type(field: pa.Field) -> str:
     return str(field.type.storage_type if isinstance(field.type, pa.ExtensionType) else field.type)
 
 
+BFLOAT16_NOTE = " (raw bfloat16 bit patterns as 2-byte binaries; decode with the reader)"
+
+
 def _given(**settings: object) -> str:
     """`` (config `x`, revision `y`)`` for the settings that are set; nothing when none is."""
     given = [f"{name.replace('_', ' ')} `{value}`" for name, value in settings.items() if value is not None]
@@ -47,7 +50,7 @@ Hidden states exported with actlightning from `{model["checkpoint"]}`{_given(rev
 - Layout: **{layout}** ({"one row per sequence" if layout == "sequence" else "one row per token"})
 - Layers (HF `hidden_states` indices; the last includes the final norm): `{model["layers"]}`
 - Hook points: `{model.get("hook_points") or []}`
-- Stored dtype: `{model["output_dtype"]}`{" (raw bfloat16 bit patterns as 2-byte binaries; decode with the reader)" if model["output_dtype"] == "bfloat16" else ""}
+- Stored dtype: `{model["output_dtype"]}`{BFLOAT16_NOTE if model["output_dtype"] == "bfloat16" else ""}
 - Tokens kept per sequence: {"all" if model["n_pos"] is None else f"the last {model['n_pos']}"}
 - Hidden size: {model["hidden_size"]}, model layers: {model["num_layers"]}
 - Rows: {totals["rows"]:,}; tokens: {totals["tokens"]:,}; shards: {totals["shards"]}; bytes: {totals["bytes"]:,}

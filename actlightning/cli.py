@@ -31,8 +31,19 @@ PREDICT_DESCRIPTION = "Run the export: load the data and the model, and write ac
 # The Trainer flags that mean something to an export; the rest (epochs, optimisation, validation,
 # gradient clipping, ...) are training-only and would only clutter --help.
 TRAINER_FLAGS = (
-    "accelerator", "strategy", "devices", "num_nodes", "precision", "callbacks", "plugins",
-    "enable_progress_bar", "inference_mode", "deterministic", "benchmark", "profiler", "default_root_dir",
+    "accelerator",
+    "strategy",
+    "devices",
+    "num_nodes",
+    "precision",
+    "callbacks",
+    "plugins",
+    "enable_progress_bar",
+    "inference_mode",
+    "deterministic",
+    "benchmark",
+    "profiler",
+    "default_root_dir",
 )
 # Fixed for every export: it trains nothing (no loggers, no checkpoints), and the data module gives
 # each rank its own shards (a distributed sampler would split them again).
@@ -64,7 +75,9 @@ def quiet_third_party() -> None:
     # The data module's batches carry their own bookkeeping; Lightning's batch-index tracking is not needed.
     warnings.filterwarnings("ignore", message="Couldn't infer the batch indices")
     # Lightning 2.6 uses torch's deprecated LeafSpec internally; nothing a user can change.
-    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
+    warnings.filterwarnings(
+        "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning
+    )
     # transformers' "Loading weights" bar: the plan and the export's own bar say what is happening.
     from transformers.utils import logging as transformers_logging
 
@@ -145,7 +158,11 @@ class ActLightningCLI(LightningCLI):
             seed_everything_default=False,
             auto_configure_optimizers=False,
             load_from_checkpoint_support=False,
-            parser_kwargs={**parser, "description": DESCRIPTION, "predict": {**parser, "description": PREDICT_DESCRIPTION}},
+            parser_kwargs={
+                **parser,
+                "description": DESCRIPTION,
+                "predict": {**parser, "description": PREDICT_DESCRIPTION},
+            },
             args=args,
             run=run,
         )
@@ -167,7 +184,9 @@ class ActLightningCLI(LightningCLI):
 
     def add_core_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         skip = set(inspect_trainer_parameters()) - set(TRAINER_FLAGS)
-        parser.add_class_arguments(Trainer, "trainer", fail_untyped=False, instantiate=False, sub_configs=True, skip=skip)
+        parser.add_class_arguments(
+            Trainer, "trainer", fail_untyped=False, instantiate=False, sub_configs=True, skip=skip
+        )
         parser.add_lightning_class_args(ActivationModule, "model")
         parser.add_lightning_class_args(ActivationDataModule, "data")
 

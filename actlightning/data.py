@@ -48,7 +48,9 @@ log = logging.getLogger(__name__)
 def _is_saved_dataset(path: str) -> bool:
     folder = Path(path)
     return folder.is_dir() and (
-        (folder / "dataset_info.json").exists() or (folder / "dataset_dict.json").exists() or (folder / "state.json").exists()
+        (folder / "dataset_info.json").exists()
+        or (folder / "dataset_dict.json").exists()
+        or (folder / "state.json").exists()
     )
 
 
@@ -114,8 +116,8 @@ class ActivationDataModule(LightningDataModule):
             shards are not ordered by length).
         auto_find_batch_size: On CUDA, find the largest ``batch_size`` (or ``max_tokens``) that fits,
             probing with the longest batch of the run and halving on out-of-memory. Ignored on CPU.
-        padding_side: Where padding goes in a batch. Both equal the unpadded forward within float tolerance (explicit position
-            ids and attention mask); ``right`` needs no masking for causal attention.
+        padding_side: Where padding goes in a batch. Both equal the unpadded forward within float tolerance
+            (explicit position ids and attention mask); ``right`` needs no masking for causal attention.
         num_workers: DataLoader worker processes for collation.
         num_proc: Processes tokenizing the split (once: the result is cached on disk beside the
             dataset and reused by every rank, rerun and resume). Unset: one.
@@ -160,9 +162,14 @@ class ActivationDataModule(LightningDataModule):
     ) -> None:
         super().__init__()
         _positive("batch_size", batch_size, allow_none=False)
-        for name_, value in [("max_tokens", max_tokens), ("max_length", max_length), ("limit", limit),
-                             ("bucket_size", bucket_size), ("min_tokens", min_tokens),
-                             ("max_tokens_per_sequence", max_tokens_per_sequence)]:
+        for name_, value in [
+            ("max_tokens", max_tokens),
+            ("max_length", max_length),
+            ("limit", limit),
+            ("bucket_size", bucket_size),
+            ("min_tokens", min_tokens),
+            ("max_tokens_per_sequence", max_tokens_per_sequence),
+        ]:
             _positive(name_, value)
         if min_tokens is not None and max_tokens_per_sequence is not None and min_tokens > max_tokens_per_sequence:
             raise ConfigError(
@@ -176,9 +183,14 @@ class ActivationDataModule(LightningDataModule):
             from actlightning.stream import check_streaming_settings
 
             check_streaming_settings(
-                sort_by_length=sort_by_length, bucket_size=bucket_size, dedupe=dedupe, drop_prefixes=drop_prefixes,
-                shuffle_seed=shuffle_seed, batch_order_seed=batch_order_seed,
-                auto_find_batch_size=auto_find_batch_size, num_workers=num_workers,
+                sort_by_length=sort_by_length,
+                bucket_size=bucket_size,
+                dedupe=dedupe,
+                drop_prefixes=drop_prefixes,
+                shuffle_seed=shuffle_seed,
+                batch_order_seed=batch_order_seed,
+                auto_find_batch_size=auto_find_batch_size,
+                num_workers=num_workers,
             )
         self.path = path
         self.input_column = input_column
@@ -276,7 +288,9 @@ class ActivationDataModule(LightningDataModule):
         from actlightning.loading import load_pretrained
 
         tokenizer = load_pretrained(
-            AutoTokenizer.from_pretrained, "model.checkpoint (its tokenizer)", self.tokenizer_name,
+            AutoTokenizer.from_pretrained,
+            "model.checkpoint (its tokenizer)",
+            self.tokenizer_name,
             revision=self.tokenizer_revision,
         )
         if tokenizer.pad_token_id is not None:
@@ -327,7 +341,10 @@ class ActivationDataModule(LightningDataModule):
             self._select("filter", ids[keep], len(ids))
             ids = ids[keep]
         text = dataset.data.column(self.input_column)
-        for step, enabled, select in [("dedupe", self.dedupe, dedupe_rows), ("drop_prefixes", self.drop_prefixes, drop_prefix_rows)]:
+        for step, enabled, select in [
+            ("dedupe", self.dedupe, dedupe_rows),
+            ("drop_prefixes", self.drop_prefixes, drop_prefix_rows),
+        ]:
             if enabled:
                 kept = select(text, ids)
                 self._select(step, kept, len(ids))
@@ -360,7 +377,13 @@ class ActivationDataModule(LightningDataModule):
         self.stats["tokens"] = int(store.lengths.sum())
         log.info(
             "dataset %s: %d rows loaded, %d selected (%d tokens); removed by each step: %s; %d truncated to %s tokens",
-            self.path, len(dataset), len(store), self.stats["tokens"], self.removed, self.stats["truncated"], max_length,
+            self.path,
+            len(dataset),
+            len(store),
+            self.stats["tokens"],
+            self.removed,
+            self.stats["truncated"],
+            max_length,
         )
 
     def _max_length(self) -> int | None:
@@ -414,7 +437,9 @@ class ActivationDataModule(LightningDataModule):
             "revision": self.revision,
             "input_column": self.input_column,
             "label_columns": self.label_columns,
-            "filter": None if self.filter is None else f"{self.filter.__module__}.{getattr(self.filter, '__qualname__', self.filter)}",
+            "filter": None
+            if self.filter is None
+            else f"{self.filter.__module__}.{getattr(self.filter, '__qualname__', self.filter)}",
             "dedupe": self.dedupe,
             "drop_prefixes": self.drop_prefixes,
             "min_tokens": self.min_tokens,
@@ -452,8 +477,13 @@ class ActivationDataModule(LightningDataModule):
         assert self.store is not None, "setup() must run before plan()"
         lengths = self.store.lengths
         batches = plan_batches(
-            lengths, self.batch_size, self.max_tokens, self.sort_by_length, self.sort_reversed,
-            self.bucket_size, self.batch_order_seed,
+            lengths,
+            self.batch_size,
+            self.max_tokens,
+            self.sort_by_length,
+            self.sort_reversed,
+            self.bucket_size,
+            self.batch_order_seed,
         )
         shards = group_shards(batches, self.batches_per_shard, self.max_shards)
         self.stats["padding_efficiency"] = round(padding_efficiency([b for s in shards for b in s], lengths), 4)
@@ -461,7 +491,7 @@ class ActivationDataModule(LightningDataModule):
         if self.skip_example_ids is not None and len(self.skip_example_ids):
             done = np.isin(self.store.example_ids, self.skip_example_ids)
             remaining, kept_indices = [], []
-            for index, shard in zip(indices, shards):
+            for index, shard in zip(indices, shards, strict=True):
                 left = [b[~done[b]] for b in shard]
                 left = [b for b in left if len(b)]
                 if left:
@@ -486,7 +516,10 @@ class ActivationDataModule(LightningDataModule):
         trainer = self.trainer
         module = trainer.lightning_module
         if not batch_size_search_applies(trainer.strategy.root_device):
-            log.info("data.auto_find_batch_size does not apply on %s; using the configured size", trainer.strategy.root_device)
+            log.info(
+                "data.auto_find_batch_size does not apply on %s; using the configured size",
+                trainer.strategy.root_device,
+            )
             return
         lengths = self.store.lengths
         longest = np.argsort(-lengths, kind="stable")
@@ -524,7 +557,9 @@ class ActivationDataModule(LightningDataModule):
         self.stats["planned_tokens_this_rank"] = int(sum(lengths[b.positions].sum() for b in planned))
         log.info(
             "plan: %d shards to write (%d on this rank), padding efficiency %.3f",
-            len(shards), len(owned), self.stats["padding_efficiency"],
+            len(shards),
+            len(owned),
+            self.stats["padding_efficiency"],
         )
         return DataLoader(
             _PlanDataset(planned),
@@ -539,7 +574,9 @@ class ActivationDataModule(LightningDataModule):
         if self.streaming and self.stream_counts is not None:
             counts = self.stream_counts
             self.removed = dict(counts.removed)
-            self.stats.update(loaded=counts.loaded, selected=counts.selected, tokens=counts.tokens, truncated=counts.truncated)
+            self.stats.update(
+                loaded=counts.loaded, selected=counts.selected, tokens=counts.tokens, truncated=counts.truncated
+            )
             if counts.padded_tokens:
                 self.stats["padding_efficiency"] = round(counts.real_tokens / counts.padded_tokens, 4)
         return {"removed": dict(self.removed), **self.stats}
@@ -549,7 +586,12 @@ class ActivationDataModule(LightningDataModule):
     def _setup_stream(self) -> None:
         try:
             stream = load_dataset(
-                self.path, self.name, split=self.split, data_files=self.data_files, revision=self.revision, streaming=True
+                self.path,
+                self.name,
+                split=self.split,
+                data_files=self.data_files,
+                revision=self.revision,
+                streaming=True,
             )
         except (FileNotFoundError, OSError, ValueError) as error:
             message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
@@ -585,14 +627,31 @@ class ActivationDataModule(LightningDataModule):
 
         self.stream_counts = StreamCounts()
         tokenizer = self._stream_tokenizer
-        tokenize = None if tokenizer is None else (lambda inputs: tokenizer(inputs, add_special_tokens=True)["input_ids"])
+        tokenize = (
+            None if tokenizer is None else (lambda inputs: tokenizer(inputs, add_special_tokens=True)["input_ids"])
+        )
         examples = selected_examples(
-            iter(self._stream), self.input_column, self.label_columns, tokenize, self.filter, self.min_tokens,
-            self.max_tokens_per_sequence, self.limit, self._max_length(), self.stream_counts,
+            iter(self._stream),
+            self.input_column,
+            self.label_columns,
+            tokenize,
+            self.filter,
+            self.min_tokens,
+            self.max_tokens_per_sequence,
+            self.limit,
+            self._max_length(),
+            self.stream_counts,
         )
         return stream_shards(
-            examples, self.batch_size, self.max_tokens, self.bucket_size, self.sort_reversed,
-            self.batches_per_shard, self.max_shards, self._label_schema, self.stream_counts,
+            examples,
+            self.batch_size,
+            self.max_tokens,
+            self.bucket_size,
+            self.sort_reversed,
+            self.batches_per_shard,
+            self.max_shards,
+            self._label_schema,
+            self.stream_counts,
         )
 
     def _stream_dataloader(self) -> DataLoader:

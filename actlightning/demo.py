@@ -33,9 +33,7 @@ def char_tokenizer(add_bos: bool = False) -> PreTrainedTokenizerFast:
         tokenizer.post_processor = processors.TemplateProcessing(
             single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
         )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
-    )
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
 
 
 def tiny_model(
@@ -52,22 +50,42 @@ def tiny_model(
     torch.manual_seed(seed)
     if architecture == "gpt2":
         config = GPT2Config(
-            vocab_size=vocab_size, n_positions=context, n_embd=hidden_size, n_layer=num_layers, n_head=4,
-            bos_token_id=1, eos_token_id=2,
+            vocab_size=vocab_size,
+            n_positions=context,
+            n_embd=hidden_size,
+            n_layer=num_layers,
+            n_head=4,
+            bos_token_id=1,
+            eos_token_id=2,
         )
     elif architecture == "llama":
         config = LlamaConfig(
-            vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-            num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
-            max_position_embeddings=context, bos_token_id=1, eos_token_id=2,
+            vocab_size=vocab_size,
+            hidden_size=hidden_size,
+            intermediate_size=2 * hidden_size,
+            num_hidden_layers=num_layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=context,
+            bos_token_id=1,
+            eos_token_id=2,
         )
     else:
         # Per-layer attention types and tied embeddings: what truncated loading must keep right.
         config = Qwen2Config(
-            vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-            num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
-            max_position_embeddings=context, bos_token_id=1, eos_token_id=2, tie_word_embeddings=True,
-            use_sliding_window=True, sliding_window=8, max_window_layers=num_layers // 2,
+            vocab_size=vocab_size,
+            hidden_size=hidden_size,
+            intermediate_size=2 * hidden_size,
+            num_hidden_layers=num_layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=context,
+            bos_token_id=1,
+            eos_token_id=2,
+            tie_word_embeddings=True,
+            use_sliding_window=True,
+            sliding_window=8,
+            max_window_layers=num_layers // 2,
         )
     return AutoModelForCausalLM.from_config(config).eval()
 

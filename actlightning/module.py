@@ -5,15 +5,15 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-import math
 from collections.abc import Iterator
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from lightning.pytorch import LightningModule
 from transformers import AutoConfig, AutoModel, PretrainedConfig
 
+from actlightning.batching import Batch
 from actlightning.capture import (
     HiddenStateCapture,
     HookPoint,
@@ -29,7 +29,6 @@ from actlightning.schema import TORCH_DTYPES, StorageDtype, layer_column
 log = logging.getLogger(__name__)
 
 ComputeDtype = Literal["auto", "float32", "bfloat16", "float16"]
-FLOAT16_MAX = 65504.0
 
 
 def truncated_config(config: PretrainedConfig, blocks: int) -> PretrainedConfig:
@@ -96,6 +95,42 @@ def select_tokens(
     return rows * seq_len + columns, n_tokens, start_position
 
 
+@dataclass
+class Prediction:
+    """One batch's exported activations, on the host (or on their way there: see ``ready``).
+
+    Tokens are packed: the ``n_tokens[i]`` exported tokens of row ``i`` follow those of row ``i - 1``.
+    """
+
+    example_id: torch.Tensor  # [B] row index in the loaded split
+    n_tokens: torch.Tensor  # [B] exported tokens per row (all, or the last n_pos)
+    start_position: torch.Tensor  # [B] position of each row's first exported token in its sequence
+    input_ids: torch.Tensor  # [T] int32, the exported tokens
+    vectors: dict[str, torch.Tensor]  # vector column -> [T, width] in the storage dtype
+    # Each vector column's largest magnitude in the model's output, checked by the writer before
+    # anything of the batch is written (see ``schema.check_finite``).
+    max_abs: torch.Tensor
+    # On CUDA: recorded after the asynchronous device-to-host copies; wait on it before reading.
+    ready: torch.cuda.Event | None = None
+    shard_index: int = -1
+    last_in_shard: bool = False
+
+    @staticmethod
+    def join(first: Prediction, second: Prediction) -> Prediction:
+        """The rows of ``first`` then ``second`` (the halves of a batch split after running out of memory)."""
+        for part in (first, second):
+            if part.ready is not None:
+                part.ready.synchronize()
+        return Prediction(
+            example_id=torch.cat([first.example_id, second.example_id]),
+            n_tokens=torch.cat([first.n_tokens, second.n_tokens]),
+            start_position=torch.cat([first.start_position, second.start_position]),
+            input_ids=torch.cat([first.input_ids, second.input_ids]),
+            vectors={name: torch.cat([first.vectors[name], second.vectors[name]]) for name in first.vectors},
+            max_abs=torch.maximum(first.max_abs, second.max_abs),
+        )
+
+
 class ActivationModule(LightningModule):
     """Runs a HuggingFace base model (no LM head) and returns the requested hidden states.
 
@@ -151,8 +186,11 @@ class ActivationModule(LightningModule):
         """The checkpoint's config (loaded once, without the weights)."""
         if self._config is None:
             self._config = load_pretrained(
-                AutoConfig.from_pretrained, "model.checkpoint", self.checkpoint,
-                revision=self.revision, trust_remote_code=self.trust_remote_code,
+                AutoConfig.from_pretrained,
+                "model.checkpoint",
+                self.checkpoint,
+                revision=self.revision,
+                trust_remote_code=self.trust_remote_code,
             )
         return self._config
 
@@ -342,47 +380,48 @@ class ActivationModule(LightningModule):
         self._output_dtype = TORCH_DTYPES[self.storage_dtype]
         log.info(
             "loaded %s (%d of %d blocks, hidden size %d); exporting hidden_states %s as %s",
-            self.checkpoint, self.blocks_to_load, self.num_layers, self.hidden_size, self.layers, self.storage_dtype,
+            self.checkpoint,
+            self.blocks_to_load,
+            self.num_layers,
+            self.hidden_size,
+            self.layers,
+            self.storage_dtype,
         )
 
-    def _forward(self, batch: dict) -> dict:
-        input_ids = batch["input_ids"]
-        hidden = self.capture(
-            input_ids=input_ids, attention_mask=batch["attention_mask"], position_ids=batch["position_ids"]
-        )
+    def _forward(self, batch: Batch) -> Prediction:
+        input_ids = batch.input_ids
+        hidden = self.capture(input_ids=input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids)
         batch_size, seq_len = input_ids.shape
-        flat, n_tokens, start_position = select_tokens(batch["lengths"], batch["first_token"], seq_len, self.n_pos)
-        layers, max_abs = {}, []
+        flat, n_tokens, start_position = select_tokens(batch.lengths, batch.first_token, seq_len, self.n_pos)
+        vectors, max_abs = {}, []
         for column, states in hidden.items():
             if states.dim() != 3 or tuple(states.shape[:2]) != (batch_size, seq_len):
                 raise ActivationError(
-                    f"{column} has shape {tuple(states.shape)}, not [batch, sequence, width] = [{batch_size}, {seq_len}, ...]; "
+                    f"{column} has shape {tuple(states.shape)}, not [batch, sequence, width] = "
+                    f"[{batch_size}, {seq_len}, ...]; "
                     "choose a hook point whose output holds one vector per token"
                 )
-            vectors = states.reshape(batch_size * seq_len, -1).index_select(0, flat)
-            stored = vectors.to(self._output_dtype)  # cast on the device: less to copy
+            selected = states.reshape(batch_size * seq_len, -1).index_select(0, flat)
+            stored = selected.to(self._output_dtype)  # cast on the device: less to copy
             # One pass: the largest magnitude is NaN/inf if any value is, and shows float16 overflow.
-            max_abs.append(torch.linalg.vector_norm(vectors, ord=float("inf"), dtype=torch.float32))
-            layers[column] = _to_host(stored)
-        prediction = {
-            "example_id": _to_host(batch["example_id"]),
-            "n_tokens": _to_host(n_tokens),
-            "start_position": _to_host(start_position),
-            "input_ids": _to_host(input_ids.reshape(-1).index_select(0, flat).to(torch.int32)),
-            "layers": layers,
-            # Checked by the writer before anything of the batch is written (see check_finite).
-            "max_abs": _to_host(torch.stack(max_abs)),
-            "columns": list(hidden),
-            "ready": None,
-        }
+            max_abs.append(torch.linalg.vector_norm(selected, ord=float("inf"), dtype=torch.float32))
+            vectors[column] = _to_host(stored)
+        prediction = Prediction(
+            example_id=_to_host(batch.example_id),
+            n_tokens=_to_host(n_tokens),
+            start_position=_to_host(start_position),
+            input_ids=_to_host(input_ids.reshape(-1).index_select(0, flat).to(torch.int32)),
+            vectors=vectors,
+            max_abs=_to_host(torch.stack(max_abs)),
+        )
         if input_ids.device.type == "cuda":
             # The copies above are asynchronous; the writer thread waits on this event, so the next
             # forward pass is queued on the GPU while this batch travels to the host.
-            prediction["ready"] = torch.cuda.Event()
-            prediction["ready"].record()
+            prediction.ready = torch.cuda.Event()
+            prediction.ready.record()
         return prediction
 
-    def _forward_splitting(self, batch: dict) -> dict:
+    def _forward_splitting(self, batch: Batch) -> Prediction:
         """Forward ``batch``; if it runs out of device memory, forward each half and join the results.
 
         Rows never interact, so the halves' activations equal the unpadded forward as the whole batch's
@@ -391,26 +430,18 @@ class ActivationModule(LightningModule):
         try:
             return self._forward(batch)
         except torch.cuda.OutOfMemoryError:
-            rows = batch["input_ids"].shape[0]
+            rows = batch.input_ids.shape[0]
             if rows == 1:
                 raise
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         half = rows // 2
         log.warning("a batch of %d sequences ran out of memory; retrying as %d + %d", rows, half, rows - half)
-        parts = [self._forward_splitting(_rows(batch, slice(0, half))), self._forward_splitting(_rows(batch, slice(half, rows)))]
-        for part in parts:
-            if part["ready"] is not None:
-                part["ready"].synchronize()
-        return {
-            **{key: torch.cat([p[key] for p in parts]) for key in ("example_id", "n_tokens", "start_position", "input_ids")},
-            "layers": {name: torch.cat([p["layers"][name] for p in parts]) for name in parts[0]["layers"]},
-            "max_abs": torch.maximum(parts[0]["max_abs"], parts[1]["max_abs"]),
-            "columns": parts[0]["columns"],
-            "ready": None,
-        }
+        first = self._forward_splitting(batch.rows(slice(0, half)))
+        second = self._forward_splitting(batch.rows(slice(half, rows)))
+        return Prediction.join(first, second)
 
-    def probe(self, batch: dict) -> bool:
+    def probe(self, batch: Batch) -> bool:
         """Whether ``batch`` fits in device memory (used by the batch-size search)."""
         batch = self.transfer_batch_to_device(batch, self.device, 0)
         try:
@@ -423,12 +454,10 @@ class ActivationModule(LightningModule):
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
 
-    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
-        return {
-            **self._forward_splitting(batch),
-            "shard_index": batch["shard_index"],
-            "last_in_shard": batch["last_in_shard"],
-        }
+    def predict_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> Prediction:
+        prediction = self._forward_splitting(batch)
+        prediction.shard_index, prediction.last_in_shard = batch.shard_index, batch.last_in_shard
+        return prediction
 
 
 def _to_host(tensor: torch.Tensor) -> torch.Tensor:
@@ -438,33 +467,3 @@ def _to_host(tensor: torch.Tensor) -> torch.Tensor:
     host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
     host.copy_(tensor, non_blocking=True)
     return host
-
-
-def check_finite(prediction: dict, storage_dtype: str) -> None:
-    """Raise ``ActivationError`` if the model's activations, or their stored form, hold NaN or inf.
-
-    ``prediction["max_abs"]`` holds each column's largest magnitude in the model's output: not finite
-    when the model produced NaN/inf, above float16's range when storing as float16 overflows. The
-    stored values are only counted on those (rare) paths.
-    """
-    for column, largest in zip(prediction["columns"], prediction["max_abs"].tolist()):
-        stored = prediction["layers"][column]
-        if not math.isfinite(largest):
-            count = int((~torch.isfinite(stored)).sum())
-            where = f"hidden_states[{column[len('layer_'):]}] ({column})" if column.startswith("layer_") else column
-            raise ActivationError(
-                f"the model produced {count} NaN/inf values in {where}; "
-                "nothing of this batch was written. Try model.dtype float32 (half-precision compute can overflow)"
-            )
-        if stored.dtype == torch.float16 and largest > FLOAT16_MAX:
-            count = int(torch.isinf(stored).sum())
-            if count:
-                raise ActivationError(
-                    f"model.output_dtype {storage_dtype} cannot hold {column}: {count} values "
-                    "overflow to inf (beyond +-65504 for float16); use output_dtype float32 or bfloat16"
-                )
-
-
-def _rows(batch: dict, rows: slice) -> dict:
-    """The sub-batch of ``rows`` (tensors sliced along the batch dimension, the rest kept)."""
-    return {k: v[rows] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}

@@ -353,7 +353,7 @@ class VectorParquetWriter:
         if not table.schema.equals(self.schema):
             raise ValueError("table schema differs from the file's schema")
         fast: dict[str, list[tuple[np.ndarray, np.ndarray, int]]] = {}
-        for name, column in zip(table.column_names, table.columns):
+        for name, column in zip(table.column_names, table.columns, strict=True):
             if name in self._leaves:
                 chunks = [_vector_values(chunk, self._leaves[name]) for chunk in column.chunks if len(chunk)]
                 if all(chunk is not None for chunk in chunks):
@@ -426,7 +426,9 @@ class VectorParquetWriter:
             while row < len(lengths):
                 # Whole rows up to PAGE_BYTES of values (at least one row).
                 done = ends[row - 1] if row else 0
-                stop = max(int(np.searchsorted(ends, done + PAGE_BYTES // leaf.stored_dtype.itemsize, "right")), row + 1)
+                stop = max(
+                    int(np.searchsorted(ends, done + PAGE_BYTES // leaf.stored_dtype.itemsize, "right")), row + 1
+                )
                 page_values = int(ends[stop - 1] - done)
                 if leaf.depth == 1:  # one vector per row
                     rep = first_token * (stop - row)
@@ -480,8 +482,14 @@ class VectorParquetWriter:
         footer = dict(self._footer)
         footer[FMD_NUM_ROWS] = _i64(self._rows)
         footer[FMD_ROW_GROUPS] = (T_LIST, (T_STRUCT, self._row_groups))
-        pairs = [pair for pair in footer.get(FMD_KEY_VALUE, (T_LIST, (T_STRUCT, [])))[1][1] if pair[1][1].decode() not in self._extra_metadata]
-        pairs += [{1: (T_BINARY, key.encode()), 2: (T_BINARY, value.encode())} for key, value in self._extra_metadata.items()]
+        pairs = [
+            pair
+            for pair in footer.get(FMD_KEY_VALUE, (T_LIST, (T_STRUCT, [])))[1][1]
+            if pair[1][1].decode() not in self._extra_metadata
+        ]
+        pairs += [
+            {1: (T_BINARY, key.encode()), 2: (T_BINARY, value.encode())} for key, value in self._extra_metadata.items()
+        ]
         footer[FMD_KEY_VALUE] = (T_LIST, (T_STRUCT, pairs))
         encoded = bytearray()
         encode_struct(encoded, footer)
@@ -490,4 +498,3 @@ class VectorParquetWriter:
 
     def abort(self) -> None:
         self._file.close()
-

@@ -37,7 +37,7 @@ class TokenProgressBar(TQDMProgressBar):
             return
         bar = self.predict_progress_bar
         # Counted from the batch: the writer (a later callback) has not seen this batch yet.
-        self._tokens += batch["host_tokens"]
+        self._tokens += batch.host_tokens
         bar.n = self._tokens
         # Shards are finished by the writer threads, so these trail the token count a little.
         self._show_written(writer)

@@ -139,9 +139,7 @@ class Export:
         from datasets import load_dataset
 
         _register_formatter()
-        dataset = load_dataset(
-            "parquet", data_files=[str(f) for f in self.files], split="train", cache_dir=cache_dir
-        )
+        dataset = load_dataset("parquet", data_files=[str(f) for f in self.files], split="train", cache_dir=cache_dir)
         return dataset.with_format("actlightning", dtypes=self.dtypes)
 
 
@@ -205,7 +203,6 @@ def _register_formatter() -> None:
 
 def _storage_type(arrow_type: pa.DataType) -> pa.DataType:
     return arrow_type.storage_type if isinstance(arrow_type, pa.ExtensionType) else arrow_type
-
 
 
 def _row_group_units(files: list[Path]) -> list[tuple[Path, int]]:
@@ -274,7 +271,9 @@ class TokenVectors(IterableDataset):
     own row groups, so the workers together yield every token exactly once.
     """
 
-    def __init__(self, path: str | Path, column: str, batch_size: int, shuffle_buffer: int | None = None, seed: int = 0) -> None:
+    def __init__(
+        self, path: str | Path, column: str, batch_size: int, shuffle_buffer: int | None = None, seed: int = 0
+    ) -> None:
         self.path, self.column, self.batch_size = Path(path), column, batch_size
         self.shuffle_buffer, self.seed = shuffle_buffer, seed
 

@@ -87,7 +87,8 @@ def collect(path: str | Path) -> tuple[dict[str, NormStats], np.ndarray, object]
 def summary(stats: dict[str, NormStats], lengths: np.ndarray, export) -> str:
     lines = [
         f"{export.path}: {export.rows:,} rows, {export.tokens:,} tokens, layout {export.layout}, "
-        f"{len(export.files)} shards; sequence length mean {lengths.mean() if len(lengths) else 0:.1f}, max {lengths.max() if len(lengths) else 0}",
+        f"{len(export.files)} shards; sequence length mean {lengths.mean() if len(lengths) else 0:.1f}, "
+        f"max {lengths.max() if len(lengths) else 0}",
         f"{'column':<34} {'mean norm':>10} {'std':>10} {'max':>12} {'outliers':>9}",
     ]
     for name, column in stats.items():

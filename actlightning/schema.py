@@ -7,7 +7,7 @@ Every exported row is one sequence. Layer columns hold ``[tokens, hidden_size]``
 
 from __future__ import annotations
 
-import json
+import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Literal
 
@@ -15,8 +15,12 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from actlightning.errors import ActivationError
+
 if TYPE_CHECKING:
     from datasets import Features
+
+    from actlightning.module import Prediction
 
 EXAMPLE_ID = "example_id"
 INPUT_IDS = "input_ids"
@@ -41,6 +45,7 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
 # (Exports before format 2 stored them as uint16, which Parquet widens to 4 bytes; still readable.)
 ARROW_VALUE_TYPES: dict[str, str] = {"float32": "float32", "float16": "float16", "bfloat16": "fixed_size_binary[2]"}
 DTYPE_METADATA_KEY = b"actlightning.dtype"
+FLOAT16_MAX = 65504.0
 
 
 def layer_column(index: int) -> str:
@@ -107,7 +112,9 @@ def flat_values(values: pa.Array) -> np.ndarray:
     when it has no nulls; 2-byte binaries come back as uint16."""
     if pa.types.is_fixed_size_binary(values.type):
         size = values.type.byte_width
-        data = np.frombuffer(values.buffers()[1], dtype=np.uint8)[values.offset * size : (values.offset + len(values)) * size]
+        data = np.frombuffer(values.buffers()[1], dtype=np.uint8)[
+            values.offset * size : (values.offset + len(values)) * size
+        ]
         return data.view(np.uint16) if size == 2 else data.reshape(-1, size)
     return values.to_numpy(zero_copy_only=False)
 
@@ -136,7 +143,7 @@ def layer_array(vectors: np.ndarray, lengths: np.ndarray, arrow_type: pa.DataTyp
 
 
 def batch_to_table(
-    prediction: Mapping[str, object],
+    prediction: Prediction,
     schema: pa.Schema,
     labels: pa.Table | None = None,
     layout: Layout = "sequence",
@@ -144,14 +151,14 @@ def batch_to_table(
     """One predicted batch -> an Arrow table with ``schema``.
 
     ``prediction`` holds CPU tensors: ``example_id`` [B], ``n_tokens`` [B], ``start_position`` [B],
-    ``input_ids`` [T] (packed) and ``layers``: {column: [T, width]} (packed, storage dtype).
+    ``input_ids`` [T] (packed) and ``vectors``: {column: [T, width]} (packed, storage dtype).
     ``labels`` holds the label columns for the same B rows, in order (repeated per token in the
     token layout).
     """
-    lengths = tensor_to_numpy(prediction["n_tokens"]).astype(np.int32, copy=False)
-    example_ids = tensor_to_numpy(prediction["example_id"]).astype(np.int64, copy=False)
-    starts = tensor_to_numpy(prediction["start_position"]).astype(np.int32, copy=False)
-    token_ids = tensor_to_numpy(prediction["input_ids"]).astype(np.int32, copy=False)
+    lengths = tensor_to_numpy(prediction.n_tokens).astype(np.int32, copy=False)
+    example_ids = tensor_to_numpy(prediction.example_id).astype(np.int64, copy=False)
+    starts = tensor_to_numpy(prediction.start_position).astype(np.int32, copy=False)
+    token_ids = tensor_to_numpy(prediction.input_ids).astype(np.int32, copy=False)
     if layout == "sequence":
         columns: dict[str, pa.Array] = {
             EXAMPLE_ID: _primitive(example_ids, pa.int64()),
@@ -172,7 +179,7 @@ def batch_to_table(
     if labels is not None:
         for name in labels.column_names:
             columns[name] = labels.column(name)
-    for name, tensor in prediction["layers"].items():
+    for name, tensor in prediction.vectors.items():
         arrow_type = schema.field(name).type
         vectors = tensor_to_numpy(tensor)
         if layout == "sequence" and isinstance(arrow_type, pa.ExtensionType):
@@ -186,3 +193,31 @@ def batch_to_table(
             )
     return pa.Table.from_arrays([columns[field.name] for field in schema], schema=schema)
 
+
+def check_finite(prediction: Prediction, storage_dtype: str) -> None:
+    """Raise ``ActivationError`` if the model's activations, or their stored form, hold NaN or inf.
+
+    ``prediction.max_abs`` holds each column's largest magnitude in the model's output: not finite
+    when the model produced NaN/inf, above float16's range when storing as float16 overflows. The
+    stored values are only counted on those (rare) paths.
+    """
+    for column, largest in zip(prediction.vectors, prediction.max_abs.tolist(), strict=True):
+        stored = prediction.vectors[column]
+        if not math.isfinite(largest):
+            count = int((~torch.isfinite(stored)).sum())
+            where = (
+                f"hidden_states[{column[len(LAYER_PREFIX) :]}] ({column})"
+                if column.startswith(LAYER_PREFIX)
+                else column
+            )
+            raise ActivationError(
+                f"the model produced {count} NaN/inf values in {where}; "
+                "nothing of this batch was written. Try model.dtype float32 (half-precision compute can overflow)"
+            )
+        if stored.dtype == torch.float16 and largest > FLOAT16_MAX:
+            count = int(torch.isinf(stored).sum())
+            if count:
+                raise ActivationError(
+                    f"model.output_dtype {storage_dtype} cannot hold {column}: {count} values "
+                    "overflow to inf (beyond +-65504 for float16); use output_dtype float32 or bfloat16"
+                )

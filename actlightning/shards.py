@@ -131,7 +131,11 @@ class ShardFile:
     def close(self) -> ShardInfo:
         """Finish the file, flush it to disk, then make it visible under its final name."""
         self._writer.add_key_value_metadata(
-            {SHARD_METADATA_KEY: json.dumps({"shard_index": self.shard_index, "tokens": self.tokens, "examples": self.examples})}
+            {
+                SHARD_METADATA_KEY: json.dumps(
+                    {"shard_index": self.shard_index, "tokens": self.tokens, "examples": self.examples}
+                )
+            }
         )
         self._writer.close()
         with open(self.tmp_path, "rb") as handle:
@@ -224,7 +228,9 @@ class BackgroundShardWriter:
 
     def _write(self, shard_index: int, item: object, last_in_shard: bool) -> None:
         if self._current is not None and self._current.shard_index != shard_index:
-            raise AssertionError(f"batch of shard {shard_index} arrived while shard {self._current.shard_index} is open")
+            raise AssertionError(
+                f"batch of shard {shard_index} arrived while shard {self._current.shard_index} is open"
+            )
         table, tokens, examples = self.encode(item)
         if self._current is None:
             self._current = ShardFile(

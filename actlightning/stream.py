@@ -42,9 +42,15 @@ def check_streaming_settings(
         "data.sort_by_length": (sort_by_length and bucket_size is None, "set data.bucket_size to sort within windows"),
         "data.dedupe": (dedupe, "a whole-set dedupe needs every input first"),
         "data.drop_prefixes": (drop_prefixes, "finding prefixes needs every input first"),
-        "data.shuffle_seed": (shuffle_seed is not None, "an exact sample needs the whole set; data.limit takes the first rows"),
+        "data.shuffle_seed": (
+            shuffle_seed is not None,
+            "an exact sample needs the whole set; data.limit takes the first rows",
+        ),
         "data.batch_order_seed": (batch_order_seed is not None, "shuffling whole batches needs all of them first"),
-        "data.auto_find_batch_size": (auto_find_batch_size, "the longest batch is unknown; set data.batch_size or data.max_tokens"),
+        "data.auto_find_batch_size": (
+            auto_find_batch_size,
+            "the longest batch is unknown; set data.batch_size or data.max_tokens",
+        ),
         "data.num_workers": (num_workers > 0, "the stream is read once per rank; use 0"),
     }
     for name, (bad, why) in refused.items():
@@ -111,7 +117,7 @@ def selected_examples(
     def flush() -> Iterator[tuple[int, np.ndarray, dict]]:
         inputs = [value for _, value, _ in pending]
         sequences = tokenize(inputs) if tokenize is not None else inputs
-        for (index, _, labels), ids in zip(pending, sequences):
+        for (index, _, labels), ids in zip(pending, sequences, strict=True):
             tokens = np.asarray(ids if ids is not None else [], dtype=np.int64)
             if len(tokens) == 0:
                 counts.drop("empty")
@@ -134,7 +140,9 @@ def selected_examples(
             counts.drop("filter")
             continue
         value = row[input_column]
-        pending.append((index, "" if value is None and tokenize is not None else value, {c: row[c] for c in label_columns}))
+        pending.append(
+            (index, "" if value is None and tokenize is not None else value, {c: row[c] for c in label_columns})
+        )
         if len(pending) >= _TOKENIZE_ROWS:
             for example in flush():
                 if limit is not None and selected >= limit:

@@ -63,9 +63,7 @@ class TokenTable:
         taken = self.ids.take(pa.array(self.rows[positions], type=pa.int64())).combine_chunks()
         offsets = taken.offsets.to_numpy()
         values = taken.values.to_numpy(zero_copy_only=False)
-        return [
-            values[offsets[i] : offsets[i] + int(n)] for i, n in enumerate(self.lengths[positions])
-        ]
+        return [values[offsets[i] : offsets[i] + int(n)] for i, n in enumerate(self.lengths[positions])]
 
     def sequence(self, position: int) -> np.ndarray:
         return self.sequences(np.asarray([position]))[0]
@@ -103,8 +101,14 @@ def tokenize_dataset(dataset, input_column: str, tokenizer: object, num_proc: in
     ).hexdigest()[:16]
     features = Features({TOKENS: List(Value("int32")), LENGTH: Value("int32")})
     kwargs = dict(
-        batched=True, batch_size=TOKENIZE_BATCH, input_columns=[input_column], remove_columns=dataset.column_names,
-        fn_kwargs={"tokenizer": tokenizer}, features=features, new_fingerprint=key, num_proc=num_proc,
+        batched=True,
+        batch_size=TOKENIZE_BATCH,
+        input_columns=[input_column],
+        remove_columns=dataset.column_names,
+        fn_kwargs={"tokenizer": tokenizer},
+        features=features,
+        new_fingerprint=key,
+        num_proc=num_proc,
         desc="Tokenizing (once; cached)",
     )
     cache_dir = Path(dataset.cache_files[0]["filename"]).parent if dataset.cache_files else None
@@ -177,7 +181,7 @@ def drop_prefix_rows(column: pa.ChunkedArray, positions: np.ndarray) -> np.ndarr
     for stop in range(len(order), 0, -_CHUNK_ROWS):
         chunk = order[max(0, stop - _CHUNK_ROWS) : stop][::-1]
         values = selected.take(pa.array(chunk, type=pa.int64())).to_pylist()
-        for position, value in zip(chunk, values):
+        for position, value in zip(chunk, values, strict=True):
             if first or value != run_value:
                 next_value = None if first else run_value
                 run_value = value

@@ -33,8 +33,7 @@ from actlightning.manifest import (
     shard_files,
     write_json_atomic,
 )
-from actlightning.module import check_finite
-from actlightning.schema import EXAMPLE_ID, Layout, batch_to_table, build_features, build_schema
+from actlightning.schema import EXAMPLE_ID, Layout, batch_to_table, build_features, build_schema, check_finite
 from actlightning.shards import Compression, ShardInfo, ShardWriterPool, VectorEncoder, is_tmp_file, parquet_options
 
 log = logging.getLogger(__name__)
@@ -62,8 +61,10 @@ def summary_text(manifest: dict, shards_this_run: int) -> str:
         f"{plural(totals['tokens'], 'token')} exported in {plural(totals['rows'], 'row')} ({layout} layout), "
         f"{plural(totals['shards'], 'shard')}, {human_bytes(totals['bytes'])}. "
         f"This run: {plural(shards_this_run, 'shard')} in {run.get('seconds', 0):.1f} s; "
-        f"forward pass {run.get('forward_tokens', 0):,} tokens at {run.get('forward_tokens_per_second', 0):,.0f} tokens/s, "
-        f"exported {run.get('exported_tokens', 0):,} tokens at {run.get('exported_tokens_per_second', 0):,.0f} tokens/s; "
+        f"forward pass {run.get('forward_tokens', 0):,} tokens at "
+        f"{run.get('forward_tokens_per_second', 0):,.0f} tokens/s, "
+        f"exported {run.get('exported_tokens', 0):,} tokens at "
+        f"{run.get('exported_tokens_per_second', 0):,.0f} tokens/s; "
         f"padding efficiency {'n/a' if efficiency is None else f'{efficiency:.3f}'}; "
         f"rows removed by each step: {data.get('removed', {})}"
     )
@@ -72,9 +73,14 @@ def summary_text(manifest: dict, shards_this_run: int) -> str:
 def _log_loading(loading: dict) -> None:
     log.info(
         "plan: loading %d of %s (%s of %s parameters, %s of %s as %s)%s",
-        loading["blocks_loaded"], plural(loading["blocks"], "block"), f"{loading['parameters_loaded']:,}",
-        f"{loading['parameters']:,}", human_bytes(loading["weight_bytes_loaded"]), human_bytes(loading["weight_bytes"]),
-        loading["dtype"], "" if loading["blocks_loaded"] < loading["blocks"] else ": the export needs the full forward",
+        loading["blocks_loaded"],
+        plural(loading["blocks"], "block"),
+        f"{loading['parameters_loaded']:,}",
+        f"{loading['parameters']:,}",
+        human_bytes(loading["weight_bytes_loaded"]),
+        human_bytes(loading["weight_bytes"]),
+        loading["dtype"],
+        "" if loading["blocks_loaded"] < loading["blocks"] else ": the export needs the full forward",
     )
 
 
@@ -156,7 +162,9 @@ class ParquetShardWriter(BasePredictionWriter):
         if writer_threads <= 0:
             raise ConfigError(f"writer.writer_threads must be a positive integer, got {writer_threads}")
         if shuffle_buffer is not None and shuffle_buffer <= 0:
-            raise ConfigError(f"writer.shuffle_buffer must be a positive number of batches or unset, got {shuffle_buffer}")
+            raise ConfigError(
+                f"writer.shuffle_buffer must be a positive number of batches or unset, got {shuffle_buffer}"
+            )
         if shuffle_buffer is not None and layout != "token":
             raise ConfigError("writer.shuffle_buffer shuffles token rows: it needs writer.layout: token")
         self.output_dir = Path(output_dir)
@@ -207,7 +215,11 @@ class ParquetShardWriter(BasePredictionWriter):
             return self._plan_stream(pl_module)
         shards, _ = datamodule.plan()
         store = datamodule.store
-        lengths = np.concatenate([store.lengths[b] for shard in shards for b in shard]) if shards else np.zeros(0, dtype=np.int64)
+        lengths = (
+            np.concatenate([store.lengths[b] for shard in shards for b in shard])
+            if shards
+            else np.zeros(0, dtype=np.int64)
+        )
         exported = np.minimum(lengths, pl_module.n_pos) if pl_module.n_pos else lengths
         widths = pl_module.estimated_widths()
         # On disk: float16 and bfloat16 (2-byte binaries) take 2 bytes a value, float32 4.
@@ -232,11 +244,18 @@ class ParquetShardWriter(BasePredictionWriter):
         }
         self.plan = plan
         log.info(
-            "plan: %s, %s to export, %s (%s), %s per token as %s -> about %s in %s; %s already written; "
-            "%s free at %s",
-            plural(plan["examples"], "example"), plural(plan["tokens"], "token"), plural(len(widths), "vector column"),
-            ", ".join(widths), plural(per_token, "byte"), pl_module.storage_dtype, human_bytes(estimate),
-            plural(len(shards), "shard"), human_bytes(already), human_bytes(free), probe,
+            "plan: %s, %s to export, %s (%s), %s per token as %s -> about %s in %s; %s already written; %s free at %s",
+            plural(plan["examples"], "example"),
+            plural(plan["tokens"], "token"),
+            plural(len(widths), "vector column"),
+            ", ".join(widths),
+            plural(per_token, "byte"),
+            pl_module.storage_dtype,
+            human_bytes(estimate),
+            plural(len(shards), "shard"),
+            human_bytes(already),
+            human_bytes(free),
+            probe,
         )
         _log_loading(plan["model"])
         if estimate - already > free and not self.ignore_free_space:
@@ -255,14 +274,25 @@ class ParquetShardWriter(BasePredictionWriter):
         probe = _nearest_existing(self.output_dir)
         free = shutil.disk_usage(probe).free
         self.plan = {
-            "examples": None, "tokens": None, "columns": widths, "bytes_per_token": per_token,
-            "estimated_bytes": None, "estimated_shards": None, "free_bytes": free, "model": pl_module.load_plan(),
+            "examples": None,
+            "tokens": None,
+            "columns": widths,
+            "bytes_per_token": per_token,
+            "estimated_bytes": None,
+            "estimated_shards": None,
+            "free_bytes": free,
+            "model": pl_module.load_plan(),
         }
         log.info(
             "plan: streaming, so examples, tokens and size are counted as they come; %s (%s), %s per token as %s "
             "(%s per million tokens); %s free at %s",
-            plural(len(widths), "vector column"), ", ".join(widths), plural(per_token, "byte"), pl_module.storage_dtype,
-            human_bytes(per_token * 1_000_000), human_bytes(free), probe,
+            plural(len(widths), "vector column"),
+            ", ".join(widths),
+            plural(per_token, "byte"),
+            pl_module.storage_dtype,
+            human_bytes(per_token * 1_000_000),
+            human_bytes(free),
+            probe,
         )
         _log_loading(self.plan["model"])
         return self.plan
@@ -386,7 +416,7 @@ class ParquetShardWriter(BasePredictionWriter):
         self._finished: list[ShardInfo] = []
 
     def _start_writers(self, trainer: Trainer, prediction: dict) -> None:
-        widths = {column: prediction["layers"][column].shape[1] for column in self.vector_columns}
+        widths = {column: prediction.vectors[column].shape[1] for column in self.vector_columns}
         features = build_features(widths, self.storage_dtype, trainer.datamodule.label_features, self.layout)
         self.schema = build_schema(features, self.storage_dtype)
         self.options = parquet_options(self.schema, self.compression, self.vector_columns, self.compression_level)
@@ -407,11 +437,11 @@ class ParquetShardWriter(BasePredictionWriter):
     def _encode(self, item: tuple[dict, pa.Table | None]) -> tuple[pa.Table, int, int]:
         """On a writer thread: wait for the device copy, refuse NaN/overflow, build the Arrow table."""
         prediction, labels = item
-        if prediction["ready"] is not None:
-            prediction["ready"].synchronize()
+        if prediction.ready is not None:
+            prediction.ready.synchronize()
         check_finite(prediction, self.storage_dtype)
         table = batch_to_table(prediction, self.schema, labels, self.layout)
-        return table, int(prediction["n_tokens"].sum()), len(prediction["n_tokens"])
+        return table, int(prediction.n_tokens.sum()), len(prediction.n_tokens)
 
     @override
     def write_on_batch_end(
@@ -419,11 +449,11 @@ class ParquetShardWriter(BasePredictionWriter):
     ) -> None:
         if self._writer is None:
             self._start_writers(trainer, prediction)
-        labels = batch.get("labels")
+        labels = batch.labels
         if labels is None and trainer.datamodule.label_columns:
-            labels = trainer.datamodule.label_rows(batch["host_example_id"])
-        self.tokens_submitted += batch["host_tokens"]
-        self._writer.submit(prediction["shard_index"], (prediction, labels), prediction["last_in_shard"])
+            labels = trainer.datamodule.label_rows(batch.host_example_id)
+        self.tokens_submitted += batch.host_tokens
+        self._writer.submit(prediction.shard_index, (prediction, labels), prediction.last_in_shard)
 
     @override
     def on_predict_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

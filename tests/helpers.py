@@ -82,7 +82,7 @@ def read_rows(output_dir: Path) -> list[dict]:
             tensor = to_torch(vectors, stored_dtype(table.schema.field(name)))
             if tensor.dtype == torch.bfloat16:
                 tensor = tensor.float()
-            for row, (start, stop) in zip(plain, zip(offsets[:-1], offsets[1:])):
+            for row, (start, stop) in zip(plain, zip(offsets[:-1], offsets[1:], strict=True), strict=True):
                 row[name] = tensor[start:stop].numpy()
         rows.extend(plain)
     return sorted(rows, key=lambda r: r["example_id"])

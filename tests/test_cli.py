@@ -18,9 +18,23 @@ CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 def test_cli_demo_config_with_overrides_loads_with_datasets(tmp_path):
     out = tmp_path / "run1"
     result = run_cli(
-        ["predict", "--config", "configs/demo.yaml", "--trainer.devices", "1", "--trainer.accelerator", "cpu",
-         "--data.batch_size", "16", "--writer.output_dir", str(out), "--writer.max_shards", "2",
-         "--model.layers", "[0, 2, -1]"]
+        [
+            "predict",
+            "--config",
+            "configs/demo.yaml",
+            "--trainer.devices",
+            "1",
+            "--trainer.accelerator",
+            "cpu",
+            "--data.batch_size",
+            "16",
+            "--writer.output_dir",
+            str(out),
+            "--writer.max_shards",
+            "2",
+            "--model.layers",
+            "[0, 2, -1]",
+        ]
     )
     assert result.returncode == 0, result.stderr[-3000:]
     shards = sorted(out.glob("*.parquet"))
@@ -30,8 +44,16 @@ def test_cli_demo_config_with_overrides_loads_with_datasets(tmp_path):
     assert len(dataset) == 128
     assert dataset.features["layer_2"] == Array2D(shape=(None, 64), dtype="float16")
     assert set(dataset.column_names) == {
-        "example_id", "input_ids", "start_position", "Site", "WhiteElo", "BlackElo", "Scores",
-        "layer_0", "layer_2", "layer_4",
+        "example_id",
+        "input_ids",
+        "start_position",
+        "Site",
+        "WhiteElo",
+        "BlackElo",
+        "Scores",
+        "layer_0",
+        "layer_2",
+        "layer_4",
     }
     row = dataset.with_format("torch")[0]
     assert row["layer_4"].shape == (len(row["input_ids"]), 64)
@@ -99,7 +121,8 @@ def test_saved_dataset_folder_is_accepted(tmp_path, checkpoints, games_file, sav
 
 
 def test_reader_import_loads_neither_lightning_nor_transformers():
-    code = "import sys, actlightning.reader; print(sorted(m for m in ('lightning', 'transformers', 'datasets') if m in sys.modules))"
+    heavy = "('lightning', 'transformers', 'datasets')"
+    code = f"import sys, actlightning.reader; print(sorted(m for m in {heavy} if m in sys.modules))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"

@@ -37,8 +37,10 @@ def test_export_matches_unpadded_forward(tmp_path, checkpoints, games_file, arch
     float16 = settings.get("model.output_dtype") == "float16"
     num_states = reference.model.config.num_hidden_layers + 1
     layer_setting = settings.get("model.layers")
-    layers = list(range(num_states)) if layer_setting is None else sorted(i % num_states for i in json.loads(layer_setting))
-    for row, game in zip(rows, games):
+    layers = (
+        list(range(num_states)) if layer_setting is None else sorted(i % num_states for i in json.loads(layer_setting))
+    )
+    for row, game in zip(rows, games, strict=True):
         tokens = reference.tokens(game["Transcript"])
         start = 0 if n_pos is None else max(0, len(tokens) - n_pos)
         assert row["input_ids"] == tokens[start:]
@@ -53,7 +55,9 @@ def test_export_matches_unpadded_forward(tmp_path, checkpoints, games_file, arch
                 assert got.dtype == np.float16
                 # Rounding the float32 reference can differ by one float16 step when the batched
                 # float32 result sits within ~1e-7 of a rounding boundary.
-                np.testing.assert_allclose(got.astype(np.float32), want.astype(np.float16).astype(np.float32), rtol=2**-10, atol=1e-6)
+                np.testing.assert_allclose(
+                    got.astype(np.float32), want.astype(np.float16).astype(np.float32), rtol=2**-10, atol=1e-6
+                )
                 assert (got == want.astype(np.float16)).mean() > 0.99
             else:
                 np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)

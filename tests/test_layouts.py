@@ -25,7 +25,9 @@ def _token_rows(out):
     rows = []
     for path in sorted(out.glob("*.parquet")):
         table = pq.read_table(path)
-        for i, row in enumerate(table.drop_columns([c for c in table.column_names if c.startswith(("layer_", "hook_"))]).to_pylist()):
+        for i, row in enumerate(
+            table.drop_columns([c for c in table.column_names if c.startswith(("layer_", "hook_"))]).to_pylist()
+        ):
             for name in (c for c in table.column_names if c.startswith(("layer_", "hook_"))):
                 row[name] = np.asarray(table.column(name)[i].values.to_numpy(zero_copy_only=False))
             rows.append(row)
@@ -36,7 +38,9 @@ def _token_rows(out):
 def test_token_layout_rows_match_unpadded_forward(tmp_path, checkpoints, games_file, architecture):
     out = tmp_path / "out"
     run_export(
-        checkpoints[architecture], games_file, out,
+        checkpoints[architecture],
+        games_file,
+        out,
         **{"writer.layout": "token", "model.layers": "[0, 2]", "model.n_pos": 6, "data.label_columns": "[WhiteElo]"},
     )
     features = load_dataset("parquet", data_files=str(out / "*.parquet"), split="train").features
@@ -63,8 +67,20 @@ def test_token_layout_rows_match_unpadded_forward(tmp_path, checkpoints, games_f
 def test_token_shuffle_buffer_permutes_rows_deterministically(tmp_path, checkpoints, games_file):
     base = {"writer.layout": "token", "model.layers": "[1]", "writer.batches_per_shard": 4}
     run_export(checkpoints["gpt2"], games_file, tmp_path / "plain", **base)
-    run_export(checkpoints["gpt2"], games_file, tmp_path / "a", **base, **{"writer.shuffle_buffer": 2, "writer.shuffle_seed": 3})
-    run_export(checkpoints["gpt2"], games_file, tmp_path / "b", **base, **{"writer.shuffle_buffer": 2, "writer.shuffle_seed": 3, "writer.writer_threads": 2})
+    run_export(
+        checkpoints["gpt2"],
+        games_file,
+        tmp_path / "a",
+        **base,
+        **{"writer.shuffle_buffer": 2, "writer.shuffle_seed": 3},
+    )
+    run_export(
+        checkpoints["gpt2"],
+        games_file,
+        tmp_path / "b",
+        **base,
+        **{"writer.shuffle_buffer": 2, "writer.shuffle_seed": 3, "writer.writer_threads": 2},
+    )
     key = lambda r: (r["example_id"], r["position"])  # noqa: E731
     plain, a, b = _token_rows(tmp_path / "plain"), _token_rows(tmp_path / "a"), _token_rows(tmp_path / "b")
     assert [key(r) for r in a] != [key(r) for r in plain], "rows were shuffled"
@@ -88,12 +104,21 @@ def _reference_hooks(model, specs):
     prefix = model.base_model_prefix + "."
     for spec in specs:
         path, is_input = (spec[:-6], True) if spec.endswith(":input") else (spec, False)
-        path = path[len(prefix):] if path.startswith(prefix) else path
+        path = path[len(prefix) :] if path.startswith(prefix) else path
         column = "hook_" + path.replace(".", "_") + ("_input" if is_input else "")
         if is_input:
-            handles.append(modules[path].register_forward_pre_hook(lambda m, a, k, c=column: captured.__setitem__(c, a[0] if a else next(iter(k.values()))), with_kwargs=True))
+            handles.append(
+                modules[path].register_forward_pre_hook(
+                    lambda m, a, k, c=column: captured.__setitem__(c, a[0] if a else next(iter(k.values()))),
+                    with_kwargs=True,
+                )
+            )
         else:
-            handles.append(modules[path].register_forward_hook(lambda m, a, o, c=column: captured.__setitem__(c, o[0] if isinstance(o, tuple) else o)))
+            handles.append(
+                modules[path].register_forward_hook(
+                    lambda m, a, o, c=column: captured.__setitem__(c, o[0] if isinstance(o, tuple) else o)
+                )
+            )
     return captured
 
 
@@ -101,7 +126,12 @@ def _reference_hooks(model, specs):
 def test_hook_points_match_forward_hooks_on_the_plain_model(tmp_path, checkpoints, games_file, architecture):
     out = tmp_path / "out"
     specs = HOOKS[architecture]
-    run_export(checkpoints[architecture], games_file, out, **{"model.layers": "[]", "model.hook_points": json.dumps(specs), "data.padding_side": "left"})
+    run_export(
+        checkpoints[architecture],
+        games_file,
+        out,
+        **{"model.layers": "[]", "model.hook_points": json.dumps(specs), "data.padding_side": "left"},
+    )
     model = AutoModel.from_pretrained(checkpoints[architecture], dtype=torch.float32).eval()
     captured = _reference_hooks(model, specs)
     tokenizer = Reference(checkpoints[architecture]).tokenizer
@@ -109,7 +139,12 @@ def test_hook_points_match_forward_hooks_on_the_plain_model(tmp_path, checkpoint
     rows = read_rows(out)
     expected_columns = {
         "gpt2": ["hook_h_0_mlp_c_fc", "hook_h_1_mlp", "hook_h_2_attn_input", "hook_h_3"],
-        "llama": ["hook_layers_0_mlp", "hook_layers_1_mlp_down_proj_input", "hook_layers_1_self_attn_o_proj", "hook_layers_2"],
+        "llama": [
+            "hook_layers_0_mlp",
+            "hook_layers_1_mlp_down_proj_input",
+            "hook_layers_1_self_attn_o_proj",
+            "hook_layers_2",
+        ],
     }[architecture]
     assert sorted(k for k in rows[0] if k.startswith("hook_")) == expected_columns
     for row in rows:
@@ -130,12 +165,16 @@ def test_forward_stops_after_the_deepest_hooked_block(checkpoints):
     from actlightning.capture import resolve_hook_points
 
     names = [n for n, _ in model.named_modules()]
-    capture = HiddenStateCapture(model, blocks, [], hook_points=resolve_hook_points(["h.1.mlp"], names, "transformer", "h"))
+    capture = HiddenStateCapture(
+        model, blocks, [], hook_points=resolve_hook_points(["h.1.mlp"], names, "transformer", "h")
+    )
     out = capture(input_ids=torch.tensor([[5, 6, 7]]))
     assert calls == [0, 1] and out["hook_h_1_mlp"].shape == (1, 3, 32)
     calls.clear()
     capture.remove()
-    capture = HiddenStateCapture(model, blocks, [1], hook_points=resolve_hook_points(["ln_f"], names, "transformer", "h"))
+    capture = HiddenStateCapture(
+        model, blocks, [1], hook_points=resolve_hook_points(["ln_f"], names, "transformer", "h")
+    )
     capture(input_ids=torch.tensor([[5, 6, 7]]))
     assert calls == [0, 1, 2, 3], "a hook point outside the blocks needs the whole forward"
 
@@ -144,7 +183,12 @@ def test_forward_stops_after_the_deepest_hooked_block(checkpoints):
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 def test_reader_round_trips_every_layout_and_dtype(tmp_path, checkpoints, games_file, layout, dtype):
     out = tmp_path / "out"
-    run_export(checkpoints["gpt2"], games_file, out, **{"writer.layout": layout, "model.output_dtype": dtype, "model.layers": "[1, 4]"})
+    run_export(
+        checkpoints["gpt2"],
+        games_file,
+        out,
+        **{"writer.layout": layout, "model.output_dtype": dtype, "model.layers": "[1, 4]"},
+    )
     export = open_export(out)
     assert export.layout == layout and export.dtypes == {"layer_1": dtype, "layer_4": dtype}
     reference = {r["example_id"]: r for r in read_rows(out)} if layout == "sequence" else None
@@ -168,13 +212,31 @@ def test_reader_round_trips_every_layout_and_dtype(tmp_path, checkpoints, games_
 
 def test_token_vectors_workers_cover_every_token_once(tmp_path, checkpoints, games_file):
     out = tmp_path / "out"
-    run_export(checkpoints["gpt2"], games_file, out, **{"writer.layout": "token", "model.layers": "[2]", "writer.batches_per_shard": 1, "model.output_dtype": "float32"})
+    run_export(
+        checkpoints["gpt2"],
+        games_file,
+        out,
+        **{
+            "writer.layout": "token",
+            "model.layers": "[2]",
+            "writer.batches_per_shard": 1,
+            "model.output_dtype": "float32",
+        },
+    )
     everything = torch.cat(list(iter_token_batches(out, "layer_2", batch_size=1000)))
-    loader = DataLoader(TokenVectors(out, "layer_2", batch_size=16, shuffle_buffer=100, seed=1), batch_size=None, num_workers=2)
+    loader = DataLoader(
+        TokenVectors(out, "layer_2", batch_size=16, shuffle_buffer=100, seed=1), batch_size=None, num_workers=2
+    )
     seen = torch.cat(list(loader))
     assert seen.shape == everything.shape
     key = lambda t: sorted(map(tuple, t[:, :4].tolist()))  # noqa: E731
     assert key(seen) == key(everything)
     assert not torch.equal(seen, everything), "shuffled"
-    again = torch.cat(list(DataLoader(TokenVectors(out, "layer_2", batch_size=16, shuffle_buffer=100, seed=1), batch_size=None, num_workers=2)))
+    again = torch.cat(
+        list(
+            DataLoader(
+                TokenVectors(out, "layer_2", batch_size=16, shuffle_buffer=100, seed=1), batch_size=None, num_workers=2
+            )
+        )
+    )
     assert torch.equal(seen, again), "deterministic for a seed"

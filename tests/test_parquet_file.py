@@ -12,6 +12,7 @@ import torch
 from datasets import List, Value
 
 from actlightning import parquet_file
+from actlightning.module import Prediction
 from actlightning.parquet_file import VectorParquetWriter, decode_struct, encode_struct
 from actlightning.schema import batch_to_table, build_features, build_schema
 from actlightning.shards import ShardFile, parquet_options
@@ -29,15 +30,18 @@ def _batches(dtype: str, layout: str, seed: int = 0, count: int = 3) -> tuple[pa
     for index in range(count):
         lengths = torch.tensor([1, *rng.integers(1, 50, size=4)])
         tokens = int(lengths.sum())
-        prediction = {
-            "example_id": torch.arange(5) + 10 * index,
-            "n_tokens": lengths,
-            "start_position": torch.tensor(rng.integers(0, 9, size=5), dtype=torch.int32),
-            "input_ids": torch.tensor(rng.integers(0, 90, size=tokens), dtype=torch.int32),
-            "layers": {name: torch.randn(tokens, width).to(getattr(torch, dtype)) for name, width in WIDTHS.items()},
-        }
+        prediction = Prediction(
+            example_id=torch.arange(5) + 10 * index,
+            n_tokens=lengths,
+            start_position=torch.tensor(rng.integers(0, 9, size=5), dtype=torch.int32),
+            input_ids=torch.tensor(rng.integers(0, 90, size=tokens), dtype=torch.int32),
+            vectors={name: torch.randn(tokens, width).to(getattr(torch, dtype)) for name, width in WIDTHS.items()},
+            max_abs=torch.zeros(len(WIDTHS)),
+        )
         meta = [{"elo": 1200 + i, "tags": ["x"] * i} for i in range(4)] + [None]
-        labels = pa.table({"Site": pa.array(["a", None, "ccc", "", "e"]), "Meta": pa.array(meta, schema.field("Meta").type)})
+        labels = pa.table(
+            {"Site": pa.array(["a", None, "ccc", "", "e"]), "Meta": pa.array(meta, schema.field("Meta").type)}
+        )
         tables.append(batch_to_table(prediction, schema, labels, layout))
     return schema, tables
 
@@ -46,7 +50,9 @@ def _count_direct_chunks(monkeypatch) -> list:
     """A list that grows by one each time a vector column chunk is written directly."""
     calls = []
     original = VectorParquetWriter._write_vector_chunk
-    monkeypatch.setattr(VectorParquetWriter, "_write_vector_chunk", lambda self, *a: calls.append(1) or original(self, *a))
+    monkeypatch.setattr(
+        VectorParquetWriter, "_write_vector_chunk", lambda self, *a: calls.append(1) or original(self, *a)
+    )
     return calls
 
 
@@ -128,7 +134,9 @@ def test_other_shapes_fall_back_to_pyarrow(tmp_path, monkeypatch):
     assert pq.read_table(tmp_path / "big.parquet").equals(pa.concat_tables([big, small]))
 
     # Shapes this tool does not write stay with pyarrow.
-    shapes = pa.schema([("a", pa.list_(pa.list_(pa.float32(), 2))), ("b", pa.list_(pa.float32(), 2)), ("c", pa.list_(pa.float16()))])
+    shapes = pa.schema(
+        [("a", pa.list_(pa.list_(pa.float32(), 2))), ("b", pa.list_(pa.float32(), 2)), ("c", pa.list_(pa.float16()))]
+    )
     table = pa.table({"a": [[[1.0, 2.0]]], "b": [[3.0, 4.0]], "c": [[5.0]]}, schema=shapes)
     writer = VectorParquetWriter(tmp_path / "shapes.parquet", shapes, options)
     assert writer.fast_columns == ["b"]
@@ -142,7 +150,6 @@ def test_other_shapes_fall_back_to_pyarrow(tmp_path, monkeypatch):
     writer.write_table(good.select(["layer_0"]))
     writer.close()
     assert pq.read_table(tmp_path / "only.parquet").equals(good.select(["layer_0"]))
-
 
 
 def test_thrift_footer_reencodes_byte_for_byte(tmp_path):
@@ -228,10 +235,13 @@ def test_independent_readers_read_every_dtype_layout_and_codec(tmp_path, monkeyp
     path = tmp_path / "direct.parquet"
     metadata = pq.read_metadata(path)
     vector_chunk = next(
-        metadata.row_group(0).column(i) for i in range(metadata.num_columns)
+        metadata.row_group(0).column(i)
+        for i in range(metadata.num_columns)
         if metadata.row_group(0).column(i).path_in_schema.startswith("layer_0")
     )
-    assert vector_chunk.compression == ("UNCOMPRESSED" if codec == "none" else {"zstd": "ZSTD", "lz4": "LZ4", "snappy": "SNAPPY"}[codec])
+    assert vector_chunk.compression == (
+        "UNCOMPRESSED" if codec == "none" else {"zstd": "ZSTD", "lz4": "LZ4", "snappy": "SNAPPY"}[codec]
+    )
     if codec != "none" and dtype == "float32":
         assert "BYTE_STREAM_SPLIT" in vector_chunk.encodings
     for name in WIDTHS:
@@ -245,14 +255,17 @@ def test_bfloat16_takes_two_bytes_a_value_on_disk(tmp_path):
     sizes = {}
     for dtype in ("float16", "bfloat16"):
         schema, tables = _batches(dtype, "token", seed=4)
-        writer = VectorParquetWriter(tmp_path / f"{dtype}.parquet", schema, parquet_options(schema, "none", list(WIDTHS)))
+        writer = VectorParquetWriter(
+            tmp_path / f"{dtype}.parquet", schema, parquet_options(schema, "none", list(WIDTHS))
+        )
         for table in tables:
             writer.write_table(table)
         writer.close()
         metadata = pq.read_metadata(tmp_path / f"{dtype}.parquet")
         sizes[dtype] = sum(
             metadata.row_group(g).column(c).total_compressed_size
-            for g in range(metadata.num_row_groups) for c in range(metadata.num_columns)
+            for g in range(metadata.num_row_groups)
+            for c in range(metadata.num_columns)
             if metadata.row_group(g).column(c).path_in_schema.startswith(tuple(WIDTHS))
         )
     assert sizes["bfloat16"] <= 1.05 * sizes["float16"]

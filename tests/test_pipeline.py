@@ -37,7 +37,7 @@ def _expected_ids(rows, seed, limit):
         first.setdefault(rows[i]["Transcript"], i)
     ids = sorted(first.values())
     texts = [rows[i]["Transcript"] for i in ids]
-    ids = [i for i, t in zip(ids, texts) if not any(len(u) > len(t) and u.startswith(t) for u in texts)]
+    ids = [i for i, t in zip(ids, texts, strict=True) if not any(len(u) > len(t) and u.startswith(t) for u in texts)]
     ids = [i for i in ids if rows[i]["Transcript"]]
     return sorted(np.asarray(ids)[np.random.default_rng(seed).permutation(len(ids))[:limit]].tolist())
 
@@ -46,7 +46,9 @@ def test_every_selection_option_at_once(tmp_path, checkpoints, messy_games):
     path, rows = messy_games
     out = tmp_path / "out"
     run_export(
-        checkpoints["gpt2"], path, out,
+        checkpoints["gpt2"],
+        path,
+        out,
         **{
             "data.filter": "tests.filter_fixtures.high_white_elo",
             "data.dedupe": "true",
@@ -77,7 +79,9 @@ def test_every_selection_option_at_once(tmp_path, checkpoints, messy_games):
 def test_min_and_max_tokens_per_sequence_filter_before_truncation(tmp_path, checkpoints, games_file):
     out = tmp_path / "out"
     run_export(
-        checkpoints["gpt2"], games_file, out,
+        checkpoints["gpt2"],
+        games_file,
+        out,
         **{"data.min_tokens": 20, "data.max_tokens_per_sequence": 80, "data.max_length": 30, "model.layers": "[1]"},
     )
     games = [json.loads(line) for line in games_file.read_text().splitlines()]
@@ -113,7 +117,7 @@ def test_out_of_memory_batch_is_split_and_retried_never_dropped(tmp_path, checkp
     assert [r["example_id"] for r in split] == [r["example_id"] for r in plain] == list(range(40))
     # Halves are other batch shapes: float32 matmuls may round differently, so compare with the
     # fidelity tests' tolerance (and both exports are checked against the unpadded forward).
-    for a, b in zip(plain, split):
+    for a, b in zip(plain, split, strict=True):
         np.testing.assert_allclose(a["layer_2"], b["layer_2"], rtol=0, atol=1e-5)
     texts = {i: json.loads(line)["Transcript"] for i, line in enumerate(games_file.read_text().splitlines())}
     assert_rows_match_reference(split, texts, checkpoints["gpt2"])
@@ -138,7 +142,12 @@ def test_batch_size_search_finds_largest_fitting_size(tmp_path, checkpoints, gam
 
 
 def test_batch_size_search_is_skipped_on_cpu(tmp_path, checkpoints, games_file, caplog):
-    run_export(checkpoints["gpt2"], games_file, tmp_path / "out", **{"data.auto_find_batch_size": "true", "model.layers": "[1]"})
+    run_export(
+        checkpoints["gpt2"],
+        games_file,
+        tmp_path / "out",
+        **{"data.auto_find_batch_size": "true", "model.layers": "[1]"},
+    )
     assert "does not apply" in caplog.text
 
 

@@ -20,7 +20,14 @@ from tests.helpers import export_args, run_export, run_main
 
 def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, checkpoints, games_file):
     out = tmp_path / "out"
-    result = run_main(export_args(checkpoints["gpt2"], games_file, out, **{"writer.dry_run": "true", "model.layers": "[1, 2]", "model.output_dtype": "float16"}))
+    result = run_main(
+        export_args(
+            checkpoints["gpt2"],
+            games_file,
+            out,
+            **{"writer.dry_run": "true", "model.layers": "[1, 2]", "model.output_dtype": "float16"},
+        )
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     # 2 columns x 32 wide x 2 bytes + 4 bytes of token id; sizes in human units
     plan = next(line for line in result.stderr.splitlines() if "plan: 40 examples" in line)
@@ -30,7 +37,14 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, checkpoints, games
 
 
 def test_plan_text_uses_singulars_and_human_sizes(tmp_path, checkpoints, games_file):
-    result = run_main(export_args(checkpoints["gpt2"], games_file, tmp_path / "out", **{"writer.dry_run": "true", "model.layers": "[1]", "data.limit": 1, "writer.batches_per_shard": 1}))
+    result = run_main(
+        export_args(
+            checkpoints["gpt2"],
+            games_file,
+            tmp_path / "out",
+            **{"writer.dry_run": "true", "model.layers": "[1]", "data.limit": 1, "writer.batches_per_shard": 1},
+        )
+    )
     plan = next(line for line in result.stderr.splitlines() if "plan: " in line and "example" in line)
     assert "plan: 1 example, " in plan and " 1 vector column (layer_1)" in plan and " in 1 shard;" in plan, plan
     assert "0.00 GB" not in plan
@@ -73,7 +87,9 @@ def test_estimate_above_free_space_stops_before_exporting(tmp_path, checkpoints,
 
 
 def test_progress_bar_counts_tokens_bytes_and_shards(tmp_path, checkpoints, games_file):
-    result = run_main(export_args(checkpoints["gpt2"], games_file, tmp_path / "out", **{"trainer.enable_progress_bar": "true"}))
+    result = run_main(
+        export_args(checkpoints["gpt2"], games_file, tmp_path / "out", **{"trainer.enable_progress_bar": "true"})
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     bar = result.stdout  # Lightning's TQDM bars write to stdout
     assert "Exporting" in bar and "tok/s" in bar and "shards=" in bar and "written=" in bar
@@ -99,7 +115,9 @@ def test_summary_and_manifest_carry_the_same_numbers(tmp_path, checkpoints, game
 
 def test_token_layout_summary_tells_examples_rows_and_both_rates_apart(tmp_path, checkpoints, games_file, caplog):
     out = tmp_path / "out"
-    run_export(checkpoints["gpt2"], games_file, out, **{"writer.layout": "token", "model.n_pos": 3, "model.layers": "[1]"})
+    run_export(
+        checkpoints["gpt2"], games_file, out, **{"writer.layout": "token", "model.n_pos": 3, "model.layers": "[1]"}
+    )
     manifest = json.loads((out / "manifest.json").read_text())
     totals, run = manifest["totals"], manifest["run"]
     assert totals["examples"] == 40 and totals["rows"] == totals["tokens"] == 40 * 3
@@ -116,7 +134,7 @@ def test_dataset_card_describes_and_loads_the_export(tmp_path, checkpoints, game
     assert card.startswith("---\nconfigs:")
     assert str(checkpoints["llama"]) in card and "`[2]`" in card and "bfloat16" in card
     assert "`layer_2`" in card and "`example_id`" in card
-    line = next(l for l in card.splitlines() if l.startswith("ds = load_dataset("))
+    line = next(text for text in card.splitlines() if text.startswith("ds = load_dataset("))
     namespace = {"load_dataset": load_dataset}
     exec(line, namespace)  # the card's own loading line works
     assert len(namespace["ds"]) == 40

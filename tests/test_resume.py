@@ -22,7 +22,7 @@ from tests.helpers import REPO, export_args, read_rows, run_cli, run_export, run
 def _assert_same_export(a, b):
     rows_a, rows_b = read_rows(a), read_rows(b)
     assert [r["example_id"] for r in rows_a] == [r["example_id"] for r in rows_b]
-    for x, y in zip(rows_a, rows_b):
+    for x, y in zip(rows_a, rows_b, strict=True):
         assert x["input_ids"] == y["input_ids"]
         for name in (k for k in x if k.startswith("layer_")):
             np.testing.assert_allclose(x[name], y[name], rtol=0, atol=1e-5)
@@ -32,7 +32,9 @@ def _assert_same_export(a, b):
 def test_two_processes_export_every_example_once(tmp_path, checkpoints, games_file, strategy):
     run_export(checkpoints["llama"], games_file, tmp_path / "single", **{"data.sort_by_length": "true"})
     args = export_args(
-        checkpoints["llama"], games_file, tmp_path / "ddp",
+        checkpoints["llama"],
+        games_file,
+        tmp_path / "ddp",
         **{"data.sort_by_length": "true", "trainer.devices": 2, "trainer.strategy": strategy},
     )
     result = run_cli(args)
@@ -47,9 +49,23 @@ def test_two_processes_export_every_example_once(tmp_path, checkpoints, games_fi
 
 def _demo_args(out, *extra):
     return [
-        "predict", "--config", "configs/demo.yaml", "--writer.output_dir", str(out),
-        "--data.batch_size", "2", "--writer.batches_per_shard", "1", "--model.layers", "[1, 4]",
-        "--model.output_dtype", "float32", "--trainer.enable_progress_bar", "false", "--trainer.accelerator", "cpu",
+        "predict",
+        "--config",
+        "configs/demo.yaml",
+        "--writer.output_dir",
+        str(out),
+        "--data.batch_size",
+        "2",
+        "--writer.batches_per_shard",
+        "1",
+        "--model.layers",
+        "[1, 4]",
+        "--model.output_dtype",
+        "float32",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.accelerator",
+        "cpu",
         *extra,
     ]
 
@@ -58,8 +74,11 @@ def _run_and_kill(out, at_shards: int) -> bool:
     """Start the demo export, SIGKILL it once ``at_shards`` shards exist; False if it finished first."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     process = subprocess.Popen(
-        [sys.executable, "-m", "actlightning", *_demo_args(out)], cwd=REPO, env=env,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [sys.executable, "-m", "actlightning", *_demo_args(out)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         while process.poll() is None:
@@ -110,7 +129,11 @@ def test_finished_export_is_not_recomputed(tmp_path, checkpoints, games_file):
 def test_resume_refuses_other_settings_naming_them(tmp_path, checkpoints, games_file):
     out = tmp_path / "out"
     run_export(checkpoints["gpt2"], games_file, out, **{"writer.max_shards": 1})
-    result = run_main(export_args(checkpoints["gpt2"], games_file, out, **{"writer.max_shards": 1, "model.n_pos": 3, "data.dedupe": "true"}))
+    result = run_main(
+        export_args(
+            checkpoints["gpt2"], games_file, out, **{"writer.max_shards": 1, "model.n_pos": 3, "data.dedupe": "true"}
+        )
+    )
     assert result.returncode != 0
     assert "different settings (data.dedupe, model.n_pos)" in result.stderr
 
@@ -142,8 +165,13 @@ def _start(module: str, args: list[str]) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     # SIGINT as a terminal's Ctrl-C would send it (a shell may start background jobs ignoring it).
     return subprocess.Popen(
-        [sys.executable, "-m", module, *args], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE, text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        [sys.executable, "-m", module, *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 

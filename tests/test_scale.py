@@ -19,7 +19,9 @@ from tests.helpers import REPO, assert_rows_match_reference, export_args, read_r
 
 
 def _shard_contents(out) -> dict[str, list[int]]:
-    return {p.name: pq.read_table(p, columns=["example_id"]).column(0).to_pylist() for p in sorted(out.glob("*.parquet"))}
+    return {
+        p.name: pq.read_table(p, columns=["example_id"]).column(0).to_pylist() for p in sorted(out.glob("*.parquet"))
+    }
 
 
 def _texts(games_file) -> dict[int, str]:
@@ -51,9 +53,17 @@ def test_second_run_reads_the_token_cache(tmp_path, checkpoints, games_file, cou
         run_export(checkpoints["gpt2"], games_file, tmp_path / "a", **settings)
         assert sum(count_tokenizing) == 40, "the first run tokenizes every row once"
         count_tokenizing.clear()
-        run_export(checkpoints["gpt2"], games_file, tmp_path / "b", **settings, **{"data.max_length": 20, "data.filter": "tests.filter_fixtures.high_white_elo"})
+        run_export(
+            checkpoints["gpt2"],
+            games_file,
+            tmp_path / "b",
+            **settings,
+            **{"data.max_length": 20, "data.filter": "tests.filter_fixtures.high_white_elo"},
+        )
         assert count_tokenizing == [], "filter and max_length apply to cached tokens: no tokenizing"
-        assert_rows_match_reference(read_rows(tmp_path / "b"), {i: t[:20] for i, t in _texts(games_file).items()}, checkpoints["gpt2"])
+        assert_rows_match_reference(
+            read_rows(tmp_path / "b"), {i: t[:20] for i, t in _texts(games_file).items()}, checkpoints["gpt2"]
+        )
         run_export(checkpoints["llama"], games_file, tmp_path / "c", **settings)
         assert sum(count_tokenizing) == 40, "another tokenizer tokenizes again"
         count_tokenizing.clear()
@@ -66,8 +76,16 @@ def test_second_run_reads_the_token_cache(tmp_path, checkpoints, games_file, cou
 
 @pytest.mark.parametrize("budget", [None, 300])
 def test_streaming_and_cached_exports_equal_the_in_memory_plan(tmp_path, checkpoints, games_file, budget):
-    base = {"data.bucket_size": 8, "data.batch_size": 3, "writer.batches_per_shard": 2, "data.sort_reversed": "true",
-            "model.layers": "[0, 2]", "data.label_columns": "[WhiteElo, Site]", "data.limit": 35, "data.min_tokens": 5}
+    base = {
+        "data.bucket_size": 8,
+        "data.batch_size": 3,
+        "writer.batches_per_shard": 2,
+        "data.sort_reversed": "true",
+        "model.layers": "[0, 2]",
+        "data.label_columns": "[WhiteElo, Site]",
+        "data.limit": 35,
+        "data.min_tokens": 5,
+    }
     if budget:
         base["data.max_tokens"] = budget
     run_export(checkpoints["gpt2"], games_file, tmp_path / "cached", **base)
@@ -75,7 +93,7 @@ def test_streaming_and_cached_exports_equal_the_in_memory_plan(tmp_path, checkpo
     cached, stream = _shard_contents(tmp_path / "cached"), _shard_contents(tmp_path / "stream")
     assert cached == stream, "same example ids in the same shards, in the same order"
     rows_cached, rows_stream = read_rows(tmp_path / "cached"), read_rows(tmp_path / "stream")
-    for a, b in zip(rows_cached, rows_stream):
+    for a, b in zip(rows_cached, rows_stream, strict=True):
         assert a["example_id"] == b["example_id"] and a["input_ids"] == b["input_ids"]
         assert (a["WhiteElo"], a["Site"]) == (b["WhiteElo"], b["Site"])
         np.testing.assert_array_equal(a["layer_2"], b["layer_2"])  # same batches: same shapes
@@ -94,7 +112,7 @@ def test_stream_shards_cut_windows_like_the_bucketed_plan():
     shards = list(stream_shards(examples, 4, 90, 10, True, 3, None, None, StreamCounts()))
     planned = group_shards(plan_batches(lengths, 4, 90, bucket_size=10, descending=True), 3)
     assert [index for index, _ in shards] == list(range(len(planned)))
-    for (_, batches), expected in zip(shards, planned):
+    for (_, batches), expected in zip(shards, planned, strict=True):
         assert [b.store.example_ids[b.planned.positions].tolist() for b in batches] == [e.tolist() for e in expected]
 
 
@@ -104,7 +122,10 @@ REFUSED = {
     "data.drop_prefixes": ({"data.drop_prefixes": "true"}, "data.drop_prefixes does not work with data.streaming"),
     "data.shuffle_seed": ({"data.shuffle_seed": 0}, "data.shuffle_seed does not work with data.streaming"),
     "data.batch_order_seed": ({"data.batch_order_seed": 1}, "data.batch_order_seed does not work with data.streaming"),
-    "data.auto_find_batch_size": ({"data.auto_find_batch_size": "true"}, "data.auto_find_batch_size does not work with data.streaming"),
+    "data.auto_find_batch_size": (
+        {"data.auto_find_batch_size": "true"},
+        "data.auto_find_batch_size does not work with data.streaming",
+    ),
     "data.num_workers": ({"data.num_workers": 2}, "data.num_workers does not work with data.streaming"),
 }
 
@@ -119,17 +140,33 @@ def test_streaming_refuses_whole_dataset_settings(tmp_path, checkpoints, games_f
 
 
 def test_streaming_dry_run_plans_without_totals(tmp_path, checkpoints, games_file):
-    result = run_main(export_args(checkpoints["gpt2"], games_file, tmp_path / "out", **{"data.streaming": "true", "writer.dry_run": "true", "model.layers": "[1]"}))
+    result = run_main(
+        export_args(
+            checkpoints["gpt2"],
+            games_file,
+            tmp_path / "out",
+            **{"data.streaming": "true", "writer.dry_run": "true", "model.layers": "[1]"},
+        )
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "plan: streaming, so examples, tokens and size are counted as they come" in result.stderr
     assert not (tmp_path / "out").exists()
 
 
 def _stream_args(checkpoint, games_file, out, **extra):
-    return export_args(checkpoint, games_file, out, **{
-        "data.streaming": "true", "data.bucket_size": 8, "data.batch_size": 2, "writer.batches_per_shard": 1,
-        "model.layers": "[1]", **extra,
-    })
+    return export_args(
+        checkpoint,
+        games_file,
+        out,
+        **{
+            "data.streaming": "true",
+            "data.bucket_size": 8,
+            "data.batch_size": 2,
+            "writer.batches_per_shard": 1,
+            "model.layers": "[1]",
+            **extra,
+        },
+    )
 
 
 def test_streaming_export_killed_and_rerun_equals_the_uninterrupted_one(tmp_path, checkpoints, games_file):
@@ -139,7 +176,10 @@ def test_streaming_export_killed_and_rerun_equals_the_uninterrupted_one(tmp_path
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     process = subprocess.Popen(
         [sys.executable, "-m", "tests.slow_export", *_stream_args(checkpoints["gpt2"], games_file, out)],
-        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 120
     while len(list(out.glob("*.parquet"))) < 4 and process.poll() is None and time.monotonic() < deadline:
@@ -150,14 +190,18 @@ def test_streaming_export_killed_and_rerun_equals_the_uninterrupted_one(tmp_path
     assert 4 <= done < 20, "killed in the middle"
     assert run_main(_stream_args(checkpoints["gpt2"], games_file, out)).returncode == 0
     assert _shard_contents(out) == _shard_contents(reference), "no row lost or written twice"
-    for a, b in zip(read_rows(out), read_rows(reference)):
+    for a, b in zip(read_rows(out), read_rows(reference), strict=True):
         np.testing.assert_allclose(a["layer_1"], b["layer_1"], rtol=0, atol=1e-5)
 
 
 def test_streaming_on_two_processes_exports_every_row_once(tmp_path, checkpoints, games_file):
     single = tmp_path / "single"
     assert run_main(_stream_args(checkpoints["gpt2"], games_file, single)).returncode == 0
-    result = run_cli(_stream_args(checkpoints["gpt2"], games_file, tmp_path / "ddp", **{"trainer.devices": 2, "trainer.strategy": "ddp"}))
+    result = run_cli(
+        _stream_args(
+            checkpoints["gpt2"], games_file, tmp_path / "ddp", **{"trainer.devices": 2, "trainer.strategy": "ddp"}
+        )
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     ddp = _shard_contents(tmp_path / "ddp")
     assert {name.split("-rank")[1] for name in ddp} == {"00.parquet", "01.parquet"}

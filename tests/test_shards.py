@@ -22,7 +22,9 @@ from tests.helpers import read_rows, run_export
         (5, 1, 8, [5] * 8),  # max_shards equal to the number of batches
     ],
 )
-def test_shards_hold_expected_rows(tmp_path, checkpoints, games_file, batch_size, batches_per_shard, max_shards, expected_rows):
+def test_shards_hold_expected_rows(
+    tmp_path, checkpoints, games_file, batch_size, batches_per_shard, max_shards, expected_rows
+):
     overrides = {"data.batch_size": batch_size, "writer.batches_per_shard": batches_per_shard, "model.layers": "[1]"}
     if max_shards is not None:
         overrides["writer.max_shards"] = max_shards
@@ -41,7 +43,9 @@ def test_shards_hold_expected_rows(tmp_path, checkpoints, games_file, batch_size
 def test_label_columns_of_several_types_survive(tmp_path, checkpoints, games_file):
     out = tmp_path / "out"
     run_export(
-        checkpoints["llama"], games_file, out,
+        checkpoints["llama"],
+        games_file,
+        out,
         **{"data.label_columns": "[Site, WhiteElo, Scores]", "model.layers": "[0]", "data.sort_by_length": "true"},
     )
     games = [json.loads(line) for line in games_file.read_text().splitlines()]
@@ -55,22 +59,39 @@ def test_label_columns_of_several_types_survive(tmp_path, checkpoints, games_fil
 
 
 def test_several_writer_threads_write_identical_shards(tmp_path, checkpoints, games_file):
-    settings = {"data.batch_size": 3, "writer.batches_per_shard": 2, "model.layers": "[0, 3]", "data.label_columns": "[Site]"}
+    settings = {
+        "data.batch_size": 3,
+        "writer.batches_per_shard": 2,
+        "model.layers": "[0, 3]",
+        "data.label_columns": "[Site]",
+    }
     run_export(checkpoints["gpt2"], games_file, tmp_path / "one", **settings)
-    run_export(checkpoints["gpt2"], games_file, tmp_path / "three", **settings, **{"writer.writer_threads": 3, "writer.max_pending_batches": 1})
+    run_export(
+        checkpoints["gpt2"],
+        games_file,
+        tmp_path / "three",
+        **settings,
+        **{"writer.writer_threads": 3, "writer.max_pending_batches": 1},
+    )
     one, three = sorted((tmp_path / "one").glob("*.parquet")), sorted((tmp_path / "three").glob("*.parquet"))
     assert [p.name for p in one] == [p.name for p in three]
-    for a, b in zip(one, three):
+    for a, b in zip(one, three, strict=True):
         assert pq.read_table(a).equals(pq.read_table(b))
 
 
 @pytest.mark.parametrize(
     ("layout", "compression"), [("sequence", "none"), ("token", "none"), ("sequence", "zstd"), ("token", "lz4")]
 )
-def test_direct_and_arrow_vector_encoders_write_the_same_data(tmp_path, checkpoints, games_file, layout, compression, monkeypatch):
+def test_direct_and_arrow_vector_encoders_write_the_same_data(
+    tmp_path, checkpoints, games_file, layout, compression, monkeypatch
+):
     settings = {
-        "data.batch_size": 3, "model.layers": "[0, 3]", "model.output_dtype": "float16",
-        "data.label_columns": "[Site, Scores]", "writer.layout": layout, "writer.compression": compression,
+        "data.batch_size": 3,
+        "model.layers": "[0, 3]",
+        "model.output_dtype": "float16",
+        "data.label_columns": "[Site, Scores]",
+        "writer.layout": layout,
+        "writer.compression": compression,
     }
     if compression == "zstd":
         settings["writer.compression_level"] = 3
@@ -85,10 +106,14 @@ def test_direct_and_arrow_vector_encoders_write_the_same_data(tmp_path, checkpoi
     assert len(direct_chunks) == 2 * 14
     direct, arrow = sorted((tmp_path / "direct").glob("*.parquet")), sorted((tmp_path / "arrow").glob("*.parquet"))
     assert [p.name for p in direct] == [p.name for p in arrow]
-    for a, b in zip(direct, arrow):
+    for a, b in zip(direct, arrow, strict=True):
         assert pq.read_table(a).equals(pq.read_table(b))
         assert pq.read_metadata(a).metadata == pq.read_metadata(b).metadata
         if compression != "none":
             group = pq.read_metadata(a).row_group(0)
-            vector = next(group.column(i) for i in range(group.num_columns) if group.column(i).path_in_schema.startswith("layer_0"))
+            vector = next(
+                group.column(i)
+                for i in range(group.num_columns)
+                if group.column(i).path_in_schema.startswith("layer_0")
+            )
             assert vector.compression != "UNCOMPRESSED"

@@ -59,9 +59,16 @@ def test_truncated_export_equals_the_full_models_forward(tmp_path, checkpoints, 
     out = tmp_path / "out"
     hook = INSIDE[architecture]
     run_export(
-        checkpoints[architecture], games_file, out,
-        **{"model.layers": "[0, 2]", "model.hook_points": json.dumps([hook]), "writer.layout": layout,
-           "data.padding_side": "left", "model.output_dtype": "float32"},
+        checkpoints[architecture],
+        games_file,
+        out,
+        **{
+            "model.layers": "[0, 2]",
+            "model.hook_points": json.dumps([hook]),
+            "writer.layout": layout,
+            "data.padding_side": "left",
+            "model.output_dtype": "float32",
+        },
     )
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["plan"]["model"]["blocks_loaded"] == 2, "layer 2 and a hook in block 1 need blocks 0-1"

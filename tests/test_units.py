@@ -18,7 +18,7 @@ from actlightning.batching import (
     rank_batches,
 )
 from actlightning.capture import resolve_layers
-from actlightning.module import select_tokens
+from actlightning.module import Prediction, select_tokens
 from actlightning.reader import layer_vectors, to_torch
 from actlightning.schema import batch_to_table, build_features, build_schema
 
@@ -32,7 +32,9 @@ def test_resolve_layers_empty_means_no_layers():
     assert resolve_layers([], 3) == []
 
 
-@pytest.mark.parametrize(("layers", "message"), [([4], "out of range"), ([-5], "out of range"), ([1, -3], "more than once")])
+@pytest.mark.parametrize(
+    ("layers", "message"), [([4], "out of range"), ([-5], "out of range"), ([1, -3], "more than once")]
+)
 def test_resolve_layers_rejects_bad_indices(layers, message):
     with pytest.raises(ValueError, match=message):
         resolve_layers(layers, 3)
@@ -92,27 +94,28 @@ def test_collate_pads_and_counts_positions_from_zero(padding_side):
     store = TokenStore.from_sequences([[5, 6, 7], [8]], example_ids=[10, 11])
     batch = collate(store, PlannedBatch(np.array([0, 1]), 0, True), pad_id=0, padding_side=padding_side)
     if padding_side == "right":
-        assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
-        assert batch["position_ids"].tolist() == [[0, 1, 2], [0, 0, 0]]
+        assert batch.input_ids.tolist() == [[5, 6, 7], [8, 0, 0]]
+        assert batch.position_ids.tolist() == [[0, 1, 2], [0, 0, 0]]
     else:
-        assert batch["input_ids"].tolist() == [[5, 6, 7], [0, 0, 8]]
-        assert batch["position_ids"].tolist() == [[0, 1, 2], [0, 0, 0]]
-        assert batch["first_token"].tolist() == [0, 2]
-    assert batch["attention_mask"].sum(1).tolist() == [3, 1]
-    assert batch["example_id"].tolist() == [10, 11]
+        assert batch.input_ids.tolist() == [[5, 6, 7], [0, 0, 8]]
+        assert batch.position_ids.tolist() == [[0, 1, 2], [0, 0, 0]]
+        assert batch.first_token.tolist() == [0, 2]
+    assert batch.attention_mask.sum(1).tolist() == [3, 1]
+    assert batch.example_id.tolist() == [10, 11]
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 def test_batch_to_table_round_trips_vectors_bit_exactly(dtype):
     torch_dtype = getattr(torch, dtype)
     vectors = torch.randn(7, 4).to(torch_dtype)
-    prediction = {
-        "example_id": torch.tensor([3, 9]),
-        "n_tokens": torch.tensor([5, 2]),
-        "start_position": torch.tensor([0, 1]),
-        "input_ids": torch.arange(7, dtype=torch.int32),
-        "layers": {"layer_1": vectors},
-    }
+    prediction = Prediction(
+        example_id=torch.tensor([3, 9]),
+        n_tokens=torch.tensor([5, 2]),
+        start_position=torch.tensor([0, 1]),
+        input_ids=torch.arange(7, dtype=torch.int32),
+        vectors={"layer_1": vectors},
+        max_abs=torch.zeros(1),
+    )
     features = build_features({"layer_1": 4}, dtype)
     schema = build_schema(features, dtype)
     table = batch_to_table(prediction, schema, pa.table({}))
@@ -121,7 +124,10 @@ def test_batch_to_table_round_trips_vectors_bit_exactly(dtype):
     assert offsets.tolist() == [0, 5, 7]
     decoded = to_torch(got, dtype)
     assert decoded.dtype == torch_dtype
-    assert torch.equal(decoded.view(torch.int16 if dtype != "float32" else torch.int32), vectors.view(torch.int16 if dtype != "float32" else torch.int32))
+    assert torch.equal(
+        decoded.view(torch.int16 if dtype != "float32" else torch.int32),
+        vectors.view(torch.int16 if dtype != "float32" else torch.int32),
+    )
 
 
 def test_tmp_files_of_shards_and_manifest_are_recognised(tmp_path, monkeypatch):

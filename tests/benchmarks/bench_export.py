@@ -53,7 +53,7 @@ def build_assets(workdir: Path, examples: int, hidden_size: int = 768, seed: int
         rng = random.Random(seed)
         np_rng = np.random.default_rng(seed)
         with open(data, "w") as handle:
-            for index in range(examples):
+            for _ in range(examples):
                 # about 5 characters (tokens) per move; median ~40 moves, long tail capped at the context
                 moves = int(np.clip(np_rng.lognormal(3.7, 0.6), 1, 200))
                 text = " ".join(_random_move(rng) for _ in range(moves))[:1023]
@@ -83,12 +83,16 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _data_module(model_dir: Path, data: Path, args) -> "object":
+def _data_module(model_dir: Path, data: Path, args) -> object:
     from actlightning.data import ActivationDataModule
 
     dm = ActivationDataModule(
-        path="json", data_files=str(data), input_column="Transcript", batch_size=args.batch_size,
-        bucket_size=args.bucket_size, tokenizer=str(model_dir),
+        path="json",
+        data_files=str(data),
+        input_column="Transcript",
+        batch_size=args.batch_size,
+        bucket_size=args.bucket_size,
+        tokenizer=str(model_dir),
     )
     dm.setup("predict")
     dm.configure_sharding(args.batches_per_shard)
@@ -119,9 +123,9 @@ def phase_floor(args) -> dict:
         start = time.perf_counter()
         for batch in batches:
             model(
-                input_ids=batch["input_ids"].to(device, non_blocking=True),
-                attention_mask=batch["attention_mask"].to(device, non_blocking=True),
-                position_ids=batch["position_ids"].to(device, non_blocking=True),
+                input_ids=batch.input_ids.to(device, non_blocking=True),
+                attention_mask=batch.attention_mask.to(device, non_blocking=True),
+                position_ids=batch.position_ids.to(device, non_blocking=True),
                 output_hidden_states=True,
             )
         if device.type == "cuda":
@@ -136,16 +140,41 @@ def phase_export(args) -> dict:
 
     out = Path(args.out)
     cli_args = [
-        "predict", "--model.checkpoint", args.model_dir, "--model.dtype", "float32",
-        "--model.output_dtype", args.output_dtype, "--data.path", "json", "--data.data_files", args.data,
-        "--data.input_column", "Transcript", "--data.batch_size", str(args.batch_size),
-        "--writer.output_dir", str(out), "--writer.overwrite", "true",
-        "--writer.batches_per_shard", str(args.batches_per_shard), "--writer.vector_encoder", args.vector_encoder,
+        "predict",
+        "--model.checkpoint",
+        args.model_dir,
+        "--model.dtype",
+        "float32",
+        "--model.output_dtype",
+        args.output_dtype,
+        "--data.path",
+        "json",
+        "--data.data_files",
+        args.data,
+        "--data.input_column",
+        "Transcript",
+        "--data.batch_size",
+        str(args.batch_size),
+        "--writer.output_dir",
+        str(out),
+        "--writer.overwrite",
+        "true",
+        "--writer.batches_per_shard",
+        str(args.batches_per_shard),
+        "--writer.vector_encoder",
+        args.vector_encoder,
         # A comma list of thread counts is for the writer phase; the export uses the first.
-        "--writer.writer_threads", str(args.writer_threads).split(",")[0], "--writer.compression", args.compression,
+        "--writer.writer_threads",
+        str(args.writer_threads).split(",")[0],
+        "--writer.compression",
+        args.compression,
         *(["--writer.compression_level", str(args.compression_level)] if args.compression_level else []),
-        "--trainer.accelerator", "gpu" if args.device == "cuda" else "cpu", "--trainer.devices", "1",
-        "--trainer.enable_progress_bar", "false",
+        "--trainer.accelerator",
+        "gpu" if args.device == "cuda" else "cpu",
+        "--trainer.devices",
+        "1",
+        "--trainer.enable_progress_bar",
+        "false",
     ]
     if args.bucket_size:
         cli_args += ["--data.bucket_size", str(args.bucket_size)]
@@ -174,6 +203,7 @@ def phase_writer(args) -> dict:
     import pyarrow as pa  # noqa: F401
     import torch
 
+    from actlightning.module import Prediction
     from actlightning.schema import batch_to_table, build_features, build_schema
     from actlightning.shards import ShardWriterPool, parquet_options
 
@@ -181,21 +211,26 @@ def phase_writer(args) -> dict:
     columns = [f"layer_{i}" for i in range(layers)]
     schema = build_schema(build_features(dict.fromkeys(columns, hidden), args.output_dtype), args.output_dtype)
     torch_dtype = getattr(torch, args.output_dtype)
-    prediction = {
-        "example_id": torch.arange(rows),
-        "n_tokens": torch.full((rows,), length),
-        "start_position": torch.zeros(rows, dtype=torch.int32),
-        "input_ids": torch.zeros(rows * length, dtype=torch.int32),
-        "layers": {c: torch.randn(rows * length, hidden).to(torch_dtype) for c in columns},
-    }
-    batch_bytes = sum(t.numel() * t.element_size() for t in prediction["layers"].values())
+    prediction = Prediction(
+        example_id=torch.arange(rows),
+        n_tokens=torch.full((rows,), length),
+        start_position=torch.zeros(rows, dtype=torch.int32),
+        input_ids=torch.zeros(rows * length, dtype=torch.int32),
+        vectors={c: torch.randn(rows * length, hidden).to(torch_dtype) for c in columns},
+        max_abs=torch.zeros(len(columns)),
+    )
+    batch_bytes = sum(t.numel() * t.element_size() for t in prediction.vectors.values())
     results = {}
     for threads in [int(t) for t in str(args.writer_threads).split(",")]:
         with tempfile.TemporaryDirectory() as folder:
             pool = ShardWriterPool(
-                threads, folder=Path(folder), rank=0, schema=schema,
+                threads,
+                folder=Path(folder),
+                rank=0,
+                schema=schema,
                 options=parquet_options(schema, args.compression, columns, args.compression_level),
-                encode=lambda item: (batch_to_table(item, schema), rows * length, rows), max_pending=2,
+                encode=lambda item: (batch_to_table(item, schema), rows * length, rows),
+                max_pending=2,
                 vector_encoder=args.vector_encoder,
             )
             shards, per_shard = 4 * threads, 4
@@ -238,8 +273,13 @@ def phase_load(args) -> dict:
     for parameter in module.model.parameters():
         parameter.detach().sum()
     seconds = time.perf_counter() - start
-    return {"seconds": seconds, "rss_after_load_mb": _rss_mb(), "rss_before_load_mb": before,
-            "peak_rss_mb": _peak_rss_mb(), **module.load_plan()}
+    return {
+        "seconds": seconds,
+        "rss_after_load_mb": _rss_mb(),
+        "rss_before_load_mb": before,
+        "peak_rss_mb": _peak_rss_mb(),
+        **module.load_plan(),
+    }
 
 
 def build_data_rows(workdir: Path, rows: int, seed: int = 0) -> Path:
@@ -250,9 +290,9 @@ def build_data_rows(workdir: Path, rows: int, seed: int = 0) -> Path:
     path = workdir / f"games-{rows}.parquet"
     if path.exists():
         return path
-    from actlightning.demo import _random_move
-
     import random
+
+    from actlightning.demo import _random_move
 
     rng = random.Random(seed)
     moves = [_random_move(rng) for _ in range(4096)]
@@ -263,7 +303,7 @@ def build_data_rows(workdir: Path, rows: int, seed: int = 0) -> Path:
         counts = np.clip(np_rng.lognormal(3.9, 0.5, size=count), 1, 200).astype(int)
         picks = np_rng.integers(0, len(moves), size=int(counts.sum()))
         ends = np.cumsum(counts)
-        texts = [" ".join(moves[i] for i in picks[e - c : e])[:1023] for c, e in zip(counts, ends)]
+        texts = [" ".join(moves[i] for i in picks[e - c : e])[:1023] for c, e in zip(counts, ends, strict=True)]
         table = pa.table({"Transcript": texts, "WhiteElo": np_rng.integers(800, 2800, size=count)})
         writer = writer or pq.ParquetWriter(path, table.schema)
         writer.write_table(table)
@@ -289,9 +329,27 @@ def phase_data(args) -> dict:
     from actlightning.cli import ActLightningCLI
 
     cli_args = [
-        "predict", "--model.checkpoint", args.model_dir, "--data.path", "parquet", "--data.data_files", args.data,
-        "--data.input_column", "Transcript", "--writer.output_dir", str(args.out), "--writer.overwrite", "true",
-        "--writer.dry_run", "true", "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
+        "predict",
+        "--model.checkpoint",
+        args.model_dir,
+        "--data.path",
+        "parquet",
+        "--data.data_files",
+        args.data,
+        "--data.input_column",
+        "Transcript",
+        "--writer.output_dir",
+        str(args.out),
+        "--writer.overwrite",
+        "true",
+        "--writer.dry_run",
+        "true",
+        "--writer.ignore_free_space",
+        "true",
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.enable_progress_bar",
+        "false",
     ]
     if args.num_proc:
         cli_args += ["--data.num_proc", str(args.num_proc)]
@@ -316,18 +374,54 @@ def phase_stream_first_batch(args) -> dict:
         return original(*a, **k)
 
     stream.collate = timed
-    ActLightningCLI(args=[
-        "predict", "--model.checkpoint", args.model_dir, "--model.layers", "[1]", "--data.path", "parquet",
-        "--data.data_files", args.data, "--data.input_column", "Transcript", "--data.streaming", "true",
-        "--data.bucket_size", "256", "--writer.output_dir", str(args.out), "--writer.overwrite", "true",
-        "--writer.max_shards", "1", "--writer.batches_per_shard", "2", "--trainer.accelerator", "cpu",
-        "--trainer.enable_progress_bar", "false",
-    ])
-    return {"first_batch_seconds": first.get("seconds"), "total_seconds": time.perf_counter() - start,
-            "peak_rss_mb": _peak_rss_mb()}
+    ActLightningCLI(
+        args=[
+            "predict",
+            "--model.checkpoint",
+            args.model_dir,
+            "--model.layers",
+            "[1]",
+            "--data.path",
+            "parquet",
+            "--data.data_files",
+            args.data,
+            "--data.input_column",
+            "Transcript",
+            "--data.streaming",
+            "true",
+            "--data.bucket_size",
+            "256",
+            "--writer.output_dir",
+            str(args.out),
+            "--writer.overwrite",
+            "true",
+            "--writer.max_shards",
+            "1",
+            "--writer.batches_per_shard",
+            "2",
+            "--trainer.accelerator",
+            "cpu",
+            "--trainer.enable_progress_bar",
+            "false",
+        ]
+    )
+    return {
+        "first_batch_seconds": first.get("seconds"),
+        "total_seconds": time.perf_counter() - start,
+        "peak_rss_mb": _peak_rss_mb(),
+    }
 
 
-PHASES = {"tokenizer": phase_tokenizer, "data": phase_data, "stream": phase_stream_first_batch, "load": phase_load, "floor": phase_floor, "export": phase_export, "writer": phase_writer, "reader": phase_reader}
+PHASES = {
+    "tokenizer": phase_tokenizer,
+    "data": phase_data,
+    "stream": phase_stream_first_batch,
+    "load": phase_load,
+    "floor": phase_floor,
+    "export": phase_export,
+    "writer": phase_writer,
+    "reader": phase_reader,
+}
 
 
 def run_phase(name: str, args, **overrides) -> dict:
@@ -357,11 +451,18 @@ def main() -> None:
     parser.add_argument("--writer-threads", default="1", help="threads; a comma list for the writer phase")
     parser.add_argument("--compression", default="none")
     parser.add_argument("--compression-level", type=int, default=None, help="zstd level (unset: the codec's default)")
-    parser.add_argument("--mmap-threshold", type=int, default=None, help="fix glibc's M_MMAP_THRESHOLD at this many bytes in the floor and export (unset: glibc's default)")
+    parser.add_argument(
+        "--mmap-threshold",
+        type=int,
+        default=None,
+        help="fix glibc's M_MMAP_THRESHOLD at this many bytes in the floor and export (unset: glibc's default)",
+    )
     parser.add_argument("--vector-encoder", default="direct", choices=["direct", "arrow"])
     parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
     parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "actlightning-bench"))
-    parser.add_argument("--repeat", type=int, default=1, help="floor/export pairs to run (the median ratio is reported)")
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="floor/export pairs to run (the median ratio is reported)"
+    )
     parser.add_argument("--only", default="floor,export", help="phases: floor,export,scaling,writer,reader,load,data")
     parser.add_argument("--reader-layer", default="layer_6")
     parser.add_argument("--data-rows", type=int, default=100_000, help="rows of the data phase (and 4x that)")
@@ -401,7 +502,9 @@ def main() -> None:
         # The same games four times over: the same lengths (so the same largest batch), 4x the rows.
         data4 = workdir / f"games-{args.examples}-x4.jsonl"
         data4.write_text(data.read_text() * 4)
-        report["export_4x_data"] = run_phase("export", args, **{**common, "data": str(data4), "out": str(workdir / "export4x")})
+        report["export_4x_data"] = run_phase(
+            "export", args, **{**common, "data": str(data4), "out": str(workdir / "export4x")}
+        )
         if "export" in report:
             report["peak_rss_4x_over_1x"] = report["export_4x_data"]["peak_rss_mb"] / report["export"]["peak_rss_mb"]
     if "data" in phases:
@@ -422,7 +525,9 @@ def main() -> None:
             entry["first_over_tokenizer"] = entry["first_run"]["seconds"] / entry["tokenizer_alone"]["seconds"]
             entry["stream_first_batch"] = run_phase("stream", args, **data_args)
             report["data"][f"rows_{rows}"] = entry
-        one, four = (report["data"][f"rows_{r}"]["second_run"]["peak_rss_mb"] for r in (args.data_rows, 4 * args.data_rows))
+        one, four = (
+            report["data"][f"rows_{r}"]["second_run"]["peak_rss_mb"] for r in (args.data_rows, 4 * args.data_rows)
+        )
         report["data"]["peak_rss_growth_mb_per_extra_row"] = (four - one) * 2**20 / (3 * args.data_rows)
     if "load" in phases:
         # Truncated loading: `layers: [1]` builds and loads 1 of 12 blocks.
@@ -430,7 +535,9 @@ def main() -> None:
         report["load_all"], report["load_layer1"] = full, short
         saved_mb = (full["weight_bytes_loaded"] - short["weight_bytes_loaded"]) / 2**20
         report["load_layer1_parameters_fraction"] = short["parameters_loaded"] / full["parameters"]
-        grown = {name: r["rss_after_load_mb"] - r["rss_before_load_mb"] for name, r in (("all", full), ("layer1", short))}
+        grown = {
+            name: r["rss_after_load_mb"] - r["rss_before_load_mb"] for name, r in (("all", full), ("layer1", short))
+        }
         report["load_layer1_rss_drop_over_bytes_saved"] = (grown["all"] - grown["layer1"]) / saved_mb
         report["load_layer1_time_fraction"] = short["seconds"] / full["seconds"]
     if "writer" in phases:

@@ -41,10 +41,18 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 def export(checkpoint: Path, data: Path, out: Path, **overrides) -> None:
     settings = {
-        "model.checkpoint": str(checkpoint), "model.dtype": "float32", "data.path": "json",
-        "data.data_files": str(data), "data.input_column": "Transcript", "data.batch_size": "8",
-        "writer.output_dir": str(out), "writer.batches_per_shard": "2", "trainer.accelerator": ACCELERATOR,
-        "trainer.devices": "1", "trainer.enable_progress_bar": "false", **{k: str(v) for k, v in overrides.items()},
+        "model.checkpoint": str(checkpoint),
+        "model.dtype": "float32",
+        "data.path": "json",
+        "data.data_files": str(data),
+        "data.input_column": "Transcript",
+        "data.batch_size": "8",
+        "writer.output_dir": str(out),
+        "writer.batches_per_shard": "2",
+        "trainer.accelerator": ACCELERATOR,
+        "trainer.devices": "1",
+        "trainer.enable_progress_bar": "false",
+        **{k: str(v) for k, v in overrides.items()},
     }
     args = ["predict"]
     for key, value in settings.items():
@@ -115,7 +123,7 @@ def _token_rows(out: Path) -> list[dict]:
         for name in names:
             vectors, _ = layer_vectors(table.column(name))
             values = to_torch(vectors, stored_dtype(table.schema.field(name))).float().numpy()
-            for row, vector in zip(plain, values):
+            for row, vector in zip(plain, values, strict=True):
                 row[name] = vector
         rows.extend(plain)
     return rows
@@ -127,13 +135,20 @@ def out_of_memory(root: Path) -> dict:
     checkpoint = save_checkpoint(root / "oom-model", "gpt2", num_layers=12, hidden_size=768, context=1024, seed=1)
     data = root / "long.jsonl"
     data.write_text("".join(json.dumps(g) + "\n" for g in chess_games(96, seed=2, min_moves=150, max_moves=200)))
-    base = {"model.layers": "[3, 12]", "data.sort_by_length": "true", "data.sort_reversed": "true", "model.output_dtype": "float16"}
+    base = {
+        "model.layers": "[3, 12]",
+        "data.sort_by_length": "true",
+        "data.sort_reversed": "true",
+        "model.output_dtype": "float16",
+    }
     export(checkpoint, data, root / "plain", **base, **{"data.batch_size": 8})
     # Cap this process at ~2.5 GB: batches of 96 x 1000 tokens do not fit.
     fraction = 2.5e9 / torch.cuda.get_device_properties(0).total_memory
     torch.cuda.set_per_process_memory_fraction(fraction)
     try:
-        export(checkpoint, data, root / "search", **base, **{"data.batch_size": 96, "data.auto_find_batch_size": "true"})
+        export(
+            checkpoint, data, root / "search", **base, **{"data.batch_size": 96, "data.auto_find_batch_size": "true"}
+        )
         found = json.loads((root / "search" / "manifest.json").read_text())["data"]["batch_size"]
         # Split and retry: a batch size far above what fits, no search.
         export(checkpoint, data, root / "split", **base, **{"data.batch_size": 96})
@@ -143,7 +158,7 @@ def out_of_memory(root: Path) -> dict:
     for other in ("search", "split"):
         rows = read_rows(root / other)
         assert [r["example_id"] for r in rows] == [r["example_id"] for r in plain]
-        for a, b in zip(plain, rows):
+        for a, b in zip(plain, rows, strict=True):
             for name in ("layer_3", "layer_12"):
                 np.testing.assert_allclose(a[name], b[name], atol=2e-3, rtol=2e-3)
     return {"batch_size_found_under_2.5GB_cap": found, "search_and_split_rows_equal_within_2e-3": True}
@@ -156,7 +171,8 @@ def dd_write_speed(folder: Path, megabytes: int = 2048) -> dict:
     started = time.perf_counter()
     result = subprocess.run(
         ["dd", "if=/dev/zero", f"of={target}", "bs=1M", f"count={megabytes}", "conv=fsync"],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     seconds = time.perf_counter() - started
     target.unlink(missing_ok=True)
@@ -167,13 +183,28 @@ def dd_write_speed(folder: Path, megabytes: int = 2048) -> dict:
 
 def _bench(root: Path, examples: int, hidden_size: int, extra: list[str]) -> dict:
     bench = REPO / "tests" / "benchmarks" / "bench_export.py"
-    command = [sys.executable, str(bench), "--device", DEVICE, "--examples", str(examples), "--batch-size", "64",
-               "--batches-per-shard", "8", "--hidden-size", str(hidden_size), "--workdir", str(root / "bench"), *extra]
+    command = [
+        sys.executable,
+        str(bench),
+        "--device",
+        DEVICE,
+        "--examples",
+        str(examples),
+        "--batch-size",
+        "64",
+        "--batches-per-shard",
+        "8",
+        "--hidden-size",
+        str(hidden_size),
+        "--workdir",
+        str(root / "bench"),
+        *extra,
+    ]
     started = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         return {"failed": result.stderr[-1500:]}
-    report = json.loads(result.stdout[result.stdout.index("{"):])
+    report = json.loads(result.stdout[result.stdout.index("{") :])
     import shutil
 
     shutil.rmtree(root / "bench" / "export", ignore_errors=True)
@@ -191,8 +222,12 @@ def throughput(root: Path, examples: int, hidden_size: int = 768, threads: str =
     runs = [("layer6-fp16-direct-1thread", ["--layers", "6", "--writer-threads", "1"])]
     for encoder in ("direct", "arrow"):
         for count in threads.split(","):
-            runs.append((f"all-layers-fp16-{encoder}-{count}threads",
-                         ["--layers", "all", "--writer-threads", count, "--vector-encoder", encoder]))
+            runs.append(
+                (
+                    f"all-layers-fp16-{encoder}-{count}threads",
+                    ["--layers", "all", "--writer-threads", count, "--vector-encoder", encoder],
+                )
+            )
     for name, extra in runs:
         report = _bench(root, examples, hidden_size, ["--only", "export", *extra])
         if "export" not in report:
@@ -222,7 +257,10 @@ def main() -> None:
     parser.add_argument("--threads", default="1,2,4,8", help="writer threads to compare")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    summary = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "torch": torch.__version__}
+    summary = {
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "torch": torch.__version__,
+    }
     for name, check in [("fidelity", fidelity), ("oom", out_of_memory), ("throughput", throughput)]:
         if name not in args.only:
             continue
