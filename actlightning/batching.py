@@ -281,6 +281,26 @@ def collate(
     )
 
 
+def search_batch_size(
+    store: TokenStore | TokenTable,
+    batch_size: int,
+    max_tokens: int | None,
+    probe: Callable[[Batch], bool],
+    pad_id: int = 0,
+    padding_side: PaddingSide = "right",
+) -> int:
+    """The largest ``batch_size`` (or, with a budget, ``max_tokens``) whose batch of the longest
+    sequences fits: ``probe`` runs the model on a batch and returns False when it ran out of memory."""
+    lengths = store.lengths
+    longest = np.argsort(-lengths, kind="stable")
+
+    def fits(size: int) -> bool:
+        rows = max(1, min(batch_size, size // int(lengths[longest[0]]))) if max_tokens is not None else size
+        return probe(collate(store, PlannedBatch(longest[:rows], 0, True), pad_id, padding_side))
+
+    return find_batch_size(fits, max_tokens if max_tokens is not None else batch_size)
+
+
 def find_batch_size(fits: Callable[[int], bool], start: int) -> int:
     """The largest of ``start, start // 2, start // 4, ..., 1`` for which ``fits`` is true.
 

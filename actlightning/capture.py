@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -55,7 +56,7 @@ def resolve_layers(layers: Sequence[int] | None, num_layers: int) -> list[int]:
     return sorted(resolved)
 
 
-def _first_tensor(output: object) -> torch.Tensor:
+def _first_tensor(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
 

@@ -224,6 +224,7 @@ class ActLightningCLI(LightningCLI):
             log.info("the export in %s is already complete; nothing to do", writer.output_dir)
             return
         datamodule.model_context = context_size(model.config)
+        datamodule.probe = model.probe
         # Tokenize once into the on-disk cache (a lock lets one of several processes do it), then plan.
         datamodule.prepare_data()
         writer.plan_export(model, datamodule)

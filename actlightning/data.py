@@ -12,26 +12,28 @@ import pyarrow as pa
 import torch
 from datasets import Dataset, DatasetDict, load_dataset, load_dataset_builder, load_from_disk
 from datasets.exceptions import DatasetGenerationError
-from lightning.pytorch import LightningDataModule
+from lightning.pytorch import LightningDataModule, Trainer
 from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 from transformers import AutoTokenizer
 
 from actlightning.batching import (
+    Batch,
     PaddingSide,
     PlannedBatch,
     TokenStore,
     assign_shards,
     collate,
-    find_batch_size,
     group_shards,
     padding_efficiency,
     plan_batches,
     rank_batches,
+    search_batch_size,
 )
 from actlightning.errors import ConfigError
 from actlightning.filters import length_range, shuffle_and_limit
 from actlightning.schema import is_reserved_column
+from actlightning.stream import StreamCounts
 from actlightning.tokens import (
     LENGTH,
     TOKENS,
@@ -237,9 +239,12 @@ class ActivationDataModule(LightningDataModule):
         self.skip_example_ids: np.ndarray | None = None
         self.taken_shard_indices: set[int] = set()
         self.pad_id = 0
-        # The model's context size, when known before a Trainer is attached (set by the CLI).
+        # Set by the CLI, which wires the model to the data: the model's context size (the default
+        # truncation, and the bound of data.max_length) and its probe for the batch-size search.
         self.model_context: int | None = None
-        self.stream_counts = None
+        self.probe: Callable[[Batch], bool] | None = None
+        self.stream_counts: StreamCounts | None = None
+        self._streaming_ready = False
         self._pretokenized = False
 
     def load(self) -> Dataset:
@@ -321,7 +326,7 @@ class ActivationDataModule(LightningDataModule):
         return tokenized.data.column(TOKENS), tokenized.data.column(LENGTH).to_numpy().astype(np.int64)
 
     def setup(self, stage: str) -> None:
-        if self.store is not None:
+        if self.store is not None or self._streaming_ready:
             return
         if self.tokenizer_name is None:
             raise ConfigError("data.tokenizer is unset; the CLI links it to model.checkpoint")
@@ -416,16 +421,8 @@ class ActivationDataModule(LightningDataModule):
             )
 
     def _model_context(self) -> int | None:
-        if self.model_context is not None:
-            return self.model_context
-        trainer = self.trainer
-        module = trainer.lightning_module if trainer is not None else None
-        config = getattr(module, "config", None)
-        if config is None:
-            return None
-        from actlightning.loading import context_size
-
-        return context_size(config)
+        """The model's context size: set by the CLI (``model_context``) before any data loads."""
+        return self.model_context
 
     def export_settings(self) -> dict:
         """Settings that decide which examples an export holds, their tokens and their grouping."""
@@ -474,8 +471,8 @@ class ActivationDataModule(LightningDataModule):
         The plan covers the whole selection, so ``max_shards`` always means the same examples. Resuming
         removes the examples already in complete shards; what remains keeps its place in the plan.
         """
-        assert self.store is not None, "setup() must run before plan()"
-        lengths = self.store.lengths
+        store = self._store()
+        lengths = store.lengths
         batches = plan_batches(
             lengths,
             self.batch_size,
@@ -489,7 +486,7 @@ class ActivationDataModule(LightningDataModule):
         self.stats["padding_efficiency"] = round(padding_efficiency([b for s in shards for b in s], lengths), 4)
         indices = list(range(len(shards)))
         if self.skip_example_ids is not None and len(self.skip_example_ids):
-            done = np.isin(self.store.example_ids, self.skip_example_ids)
+            done = np.isin(store.example_ids, self.skip_example_ids)
             remaining, kept_indices = [], []
             for index, shard in zip(indices, shards, strict=True):
                 left = [b[~done[b]] for b in shard]
@@ -509,31 +506,22 @@ class ActivationDataModule(LightningDataModule):
 
     def label_rows(self, example_ids: np.ndarray) -> pa.Table:
         """Label columns of the given rows of the loaded split, in that order."""
+        assert self.labels is not None, "setup() has run"
         return self.labels.take(pa.array(example_ids, type=pa.int64()))
 
-    def _search_batch_size(self) -> None:
+    def _search_batch_size(self, trainer: Trainer) -> None:
         """Probe the longest batch of the run on the device, halving the size until it fits."""
-        trainer = self.trainer
-        module = trainer.lightning_module
-        if not batch_size_search_applies(trainer.strategy.root_device):
-            log.info(
-                "data.auto_find_batch_size does not apply on %s; using the configured size",
-                trainer.strategy.root_device,
-            )
+        device = trainer.strategy.root_device
+        if not batch_size_search_applies(device):
+            log.info("data.auto_find_batch_size does not apply on %s; using the configured size", device)
             return
-        lengths = self.store.lengths
-        longest = np.argsort(-lengths, kind="stable")
+        if self.probe is None:
+            raise ConfigError("data.auto_find_batch_size needs the model's probe (the CLI sets data.probe)")
+        store = self._store()
         budget_mode = self.max_tokens is not None
-        start = self.max_tokens if budget_mode else self.batch_size
-
-        def fits(size: int) -> bool:
-            rows = max(1, min(self.batch_size, size // int(lengths[longest[0]]))) if budget_mode else size
-            batch = collate(self.store, PlannedBatch(longest[:rows], 0, True), self.pad_id, self.padding_side)
-            return module.probe(batch)
-
-        found = find_batch_size(fits, start)
+        found = search_batch_size(store, self.batch_size, self.max_tokens, self.probe, self.pad_id, self.padding_side)
         # Every rank must plan the same batches: take the smallest size any rank found.
-        found = int(trainer.strategy.all_gather(torch.tensor(found, device=trainer.strategy.root_device)).min())
+        found = int(trainer.strategy.all_gather(torch.tensor(found, device=device)).min())
         if budget_mode:
             self.max_tokens = found
         else:
@@ -541,15 +529,21 @@ class ActivationDataModule(LightningDataModule):
         log.info("data.auto_find_batch_size: using %s=%d", "max_tokens" if budget_mode else "batch_size", found)
         self.stats["batch_size" if not budget_mode else "max_tokens"] = found
 
+    def _store(self) -> TokenTable | TokenStore:
+        if self.store is None:
+            raise RuntimeError("setup() must run first")
+        return self.store
+
     def predict_dataloader(self) -> DataLoader:
         trainer = self.trainer
         if self.streaming:
             return self._stream_dataloader()
         if self.auto_find_batch_size and trainer is not None:
-            self._search_batch_size()
+            self._search_batch_size(trainer)
         shards, shard_ids = self.plan()
         rank, world_size = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        lengths = self.store.lengths
+        store = self._store()
+        lengths = store.lengths
         shard_tokens = [int(sum(lengths[b].sum() for b in shard)) for shard in shards]
         owned = assign_shards(shard_tokens, world_size)[rank]
         planned = rank_batches(shards, shard_ids, owned)
@@ -566,7 +560,7 @@ class ActivationDataModule(LightningDataModule):
             batch_size=None,
             shuffle=False,
             num_workers=self.num_workers,
-            collate_fn=partial(collate, self.store, pad_id=self.pad_id, padding_side=self.padding_side),
+            collate_fn=partial(collate, store, pad_id=self.pad_id, padding_side=self.padding_side),
         )
 
     def summary(self) -> dict:
@@ -618,7 +612,7 @@ class ActivationDataModule(LightningDataModule):
         from actlightning.stream import StreamCounts
 
         self.stream_counts = StreamCounts()
-        self.store = "stream"
+        self._streaming_ready = True
         log.info("dataset %s: streaming (examples and tokens are counted as they arrive)", self.path)
 
     def stream_shards(self):

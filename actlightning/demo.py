@@ -14,7 +14,14 @@ from typing import Literal
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-from transformers import GPT2Config, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
+from transformers import (
+    GPT2Config,
+    LlamaConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
 
 # Characters of UCI move transcripts ("e2e4 e7e5 g1f3 ..."), plus room for other text in tests.
 ALPHABET = " abcdefghijklmnopqrstuvwxyz0123456789;.,:-+#=/!?ABCDEFGHIJKLMNOPQRSTUVWXYZé€"
@@ -43,11 +50,12 @@ def tiny_model(
     hidden_size: int = 32,
     context: int = 256,
     seed: int = 0,
-) -> torch.nn.Module:
+) -> PreTrainedModel:
     """A randomly initialised causal LM of the given architecture."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
+    config: PretrainedConfig
     if architecture == "gpt2":
         config = GPT2Config(
             vocab_size=vocab_size,

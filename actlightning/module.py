@@ -7,7 +7,7 @@ import copy
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 from lightning.pytorch import LightningModule
@@ -54,12 +54,12 @@ def count_parameters(model: torch.nn.Module) -> int:
     return sum(seen.values())
 
 
-class _DropLoadReport:
+class _DropLoadReport(logging.Filter):
     """Keeps transformers' load report (a table of unused and missing weights) off the console: an
     export loads the base model from an LM checkpoint (the head's weights are unused by design) and
     perhaps only its first blocks; missing weights are checked by the caller instead."""
 
-    def filter(self, record) -> bool:
+    def filter(self, record: logging.LogRecord) -> bool:
         return "LOAD REPORT" not in str(record.msg)
 
 
@@ -317,10 +317,10 @@ class ActivationModule(LightningModule):
         if self.output_dtype_name is not None:
             return self.output_dtype_name
         if self.dtype_name != "auto":
-            return self.dtype_name
+            return cast(StorageDtype, self.dtype_name)
         if self.model is not None:
-            return str(next(self.model.parameters()).dtype).removeprefix("torch.")
-        return self.compute_dtype_name
+            return cast(StorageDtype, str(next(self.model.parameters()).dtype).removeprefix("torch."))
+        return cast(StorageDtype, self.compute_dtype_name)
 
     def export_settings(self) -> dict:
         """Settings that decide the exported values; resuming under different ones is refused."""

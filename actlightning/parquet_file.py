@@ -27,6 +27,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -35,14 +36,16 @@ import pyarrow.parquet as pq
 from actlightning.schema import flat_values
 
 MAGIC = b"PAR1"
-PAGE_BYTES = 1 << 20  # values per data page (Arrow's default page size); pages hold whole rows
+PAGE_BYTES = 1 << 20  # bytes of values per data page (Arrow's default page size); pages hold whole rows
 MAX_PAGE_BYTES = (1 << 31) - (1 << 20)  # page sizes are int32 in the page header (with levels)
 
 # Thrift compact protocol type codes.
 T_TRUE, T_FALSE, T_BYTE, T_I16, T_I32, T_I64, T_DOUBLE, T_BINARY, T_LIST, T_SET, T_MAP, T_STRUCT = range(1, 13)
 
-# A decoded Thrift struct: field id -> (type code, value). Lists are (element type, [values]).
-Struct = dict[int, tuple[int, object]]
+# A decoded Thrift struct: field id -> (type code, value). The value's Python type follows the code
+# (int, bool, bytes, a nested Struct, or (element type, [values]) for lists), so it is typed Any.
+ThriftValue = Any
+Struct = dict[int, tuple[int, ThriftValue]]
 
 
 # --- Thrift compact protocol ---------------------------------------------------------------------
@@ -67,7 +70,7 @@ class _Reader:
         value = self.varint()
         return (value >> 1) ^ -(value & 1)
 
-    def value(self, kind: int) -> object:
+    def value(self, kind: int) -> ThriftValue:
         if kind in (T_TRUE, T_FALSE):
             return kind == T_TRUE
         if kind == T_BYTE:
@@ -122,7 +125,7 @@ def _zigzag(value: int) -> bytes:
     return _uvarint((value << 1) ^ (value >> 63))
 
 
-def _encode_value(out: bytearray, kind: int, value: object) -> None:
+def _encode_value(out: bytearray, kind: int, value: ThriftValue) -> None:
     if kind == T_BYTE:
         out.append(value)
     elif kind in (T_I16, T_I32, T_I64):
@@ -193,8 +196,15 @@ RG_COLUMNS, RG_TOTAL_BYTES, RG_NUM_ROWS, RG_FILE_OFFSET, RG_TOTAL_COMPRESSED = 1
 CC_FILE_OFFSET, CC_META = 2, 3
 CC_INDEX_FIELDS = (4, 5, 6, 7)  # offset/column index: never written (write_page_index is off)
 # ColumnMetaData
-CMD_PATH, CMD_UNCOMPRESSED, CMD_COMPRESSED, CMD_DATA_OFFSET, CMD_INDEX_OFFSET, CMD_DICT_OFFSET = 3, 6, 7, 9, 10, 11
-CMD_BLOOM_OFFSET = 14
+CMD_TYPE, CMD_ENCODINGS, CMD_PATH, CMD_CODEC, CMD_NUM_VALUES = 1, 2, 3, 4, 5
+CMD_UNCOMPRESSED, CMD_COMPRESSED, CMD_DATA_OFFSET, CMD_INDEX_OFFSET, CMD_DICT_OFFSET = 6, 7, 9, 10, 11
+CMD_ENCODING_STATS, CMD_BLOOM_OFFSET = 13, 14
+# PageEncodingStats
+PES_PAGE_TYPE, PES_ENCODING, PES_COUNT = 1, 2, 3
+# PageHeader
+PH_TYPE, PH_UNCOMPRESSED, PH_COMPRESSED, PH_DATA_PAGE_V2 = 1, 2, 3, 8
+# DataPageHeaderV2
+V2_NUM_VALUES, V2_NUM_NULLS, V2_NUM_ROWS, V2_ENCODING, V2_DEF_LENGTH, V2_REP_LENGTH, V2_IS_COMPRESSED = range(1, 8)
 
 
 def _rle_run(value: int, count: int) -> bytes:
@@ -226,6 +236,8 @@ def _vector_leaf(field: pa.Field, column: pq.ColumnSchema) -> _VectorLeaf | None
     if column.max_repetition_level != depth or not field.nullable:
         return None
     physical = {"FLOAT": FLOAT, "FIXED_LEN_BYTE_ARRAY": FIXED_LEN_BYTE_ARRAY, "INT32": INT32}.get(column.physical_type)
+    if physical is None:
+        return None
     layouts = {
         (pa.float32(), FLOAT): (np.float32, np.float32),
         (pa.float16(), FIXED_LEN_BYTE_ARRAY): (np.float16, np.float16),
@@ -306,8 +318,9 @@ class VectorParquetWriter:
         self._field_leaves: dict[str, list[int]] = {}
         for index, leaf_path in enumerate(self._paths):
             self._field_leaves.setdefault(leaf_path[0].decode(), []).append(index)
-        compression = self.options.get("compression") or "none"
-        self._codec_id, self._codec = 0, None
+        compression = str(self.options.get("compression") or "none")
+        self._codec_id: int = 0
+        self._codec: pa.Codec | None = None
         if compression != "none":
             self._codec_id, arrow_name = CODECS[compression]
             level = self.options.get("compression_level")
@@ -356,8 +369,9 @@ class VectorParquetWriter:
         for name, column in zip(table.column_names, table.columns, strict=True):
             if name in self._leaves:
                 chunks = [_vector_values(chunk, self._leaves[name]) for chunk in column.chunks if len(chunk)]
-                if all(chunk is not None for chunk in chunks):
-                    fast[name] = chunks
+                complete = [chunk for chunk in chunks if chunk is not None]
+                if len(complete) == len(chunks):
+                    fast[name] = complete
         # pyarrow encodes the other columns into memory; their chunks are copied in schema order.
         row_group: Struct = {RG_NUM_ROWS: _i64(table.num_rows)}
         arrow_chunks: list[Struct] = []
@@ -404,7 +418,7 @@ class VectorParquetWriter:
         self._row_groups.append(row_group)
         self._rows += table.num_rows
 
-    def _write(self, data: bytes | memoryview) -> None:
+    def _write(self, data: bytes | bytearray | memoryview | pa.Buffer) -> None:
         self._file.write(data)
         self._pos += len(data)
 
@@ -438,19 +452,22 @@ class VectorParquetWriter:
                 data = values[done : done + page_values]
                 if data.dtype != leaf.stored_dtype:
                     data = data.astype(leaf.stored_dtype)
-                raw: object = memoryview(np.ascontiguousarray(data)).cast("B")
+                raw = np.ascontiguousarray(data).view(np.uint8).reshape(-1)
                 if split:  # byte k of every value, for k = 0..itemsize-1
-                    raw = np.ascontiguousarray(data.view(np.uint8).reshape(-1, data.itemsize).T).reshape(-1)
-                payload = self._codec.compress(raw, asbytes=False) if self._codec is not None else raw
+                    raw = np.ascontiguousarray(raw.reshape(-1, data.itemsize).T).reshape(-1)
+                payload: pa.Buffer = (
+                    self._codec.compress(raw, asbytes=False) if self._codec is not None else pa.py_buffer(raw)
+                )
                 levels = len(rep) + len(definition)
                 header = bytearray()
                 encode_struct(header, {
-                    1: _i32(DATA_PAGE_V2),
-                    2: _i32(levels + data.nbytes),
-                    3: _i32(levels + len(payload)),
-                    8: (T_STRUCT, {
-                        1: _i32(page_values), 2: _i32(0), 3: _i32(stop - row), 4: _i32(encoding),
-                        5: _i32(len(definition)), 6: _i32(len(rep)), 7: (T_TRUE, self._codec is not None),
+                    PH_TYPE: _i32(DATA_PAGE_V2),
+                    PH_UNCOMPRESSED: _i32(levels + data.nbytes),
+                    PH_COMPRESSED: _i32(levels + len(payload)),
+                    PH_DATA_PAGE_V2: (T_STRUCT, {
+                        V2_NUM_VALUES: _i32(page_values), V2_NUM_NULLS: _i32(0), V2_NUM_ROWS: _i32(stop - row),
+                        V2_ENCODING: _i32(encoding), V2_DEF_LENGTH: _i32(len(definition)),
+                        V2_REP_LENGTH: _i32(len(rep)), V2_IS_COMPRESSED: (T_TRUE, self._codec is not None),
                     }),
                 })  # fmt: skip
                 self._write(header)
@@ -462,16 +479,17 @@ class VectorParquetWriter:
                 pages += 1
                 row = stop
         total = self._pos - first_offset
+        stats = {PES_PAGE_TYPE: _i32(DATA_PAGE), PES_ENCODING: _i32(encoding), PES_COUNT: _i32(pages)}
         return {
-            1: _i32(leaf.physical_type),
-            2: (T_LIST, (T_I32, [RLE, encoding])),
+            CMD_TYPE: _i32(leaf.physical_type),
+            CMD_ENCODINGS: (T_LIST, (T_I32, [RLE, encoding])),
             CMD_PATH: (T_LIST, (T_BINARY, path)),
-            4: _i32(self._codec_id),
-            5: _i64(num_values),
+            CMD_CODEC: _i32(self._codec_id),
+            CMD_NUM_VALUES: _i64(num_values),
             CMD_UNCOMPRESSED: _i64(uncompressed_total),
             CMD_COMPRESSED: _i64(total),
             CMD_DATA_OFFSET: _i64(first_offset),
-            13: (T_LIST, (T_STRUCT, [{1: _i32(DATA_PAGE), 2: _i32(encoding), 3: _i32(pages)}])),
+            CMD_ENCODING_STATS: (T_LIST, (T_STRUCT, [stats])),
         }
 
     def add_key_value_metadata(self, metadata: Mapping[str, str]) -> None:

@@ -12,6 +12,7 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -173,7 +174,7 @@ def _register_formatter() -> None:
             self.dtypes = dtypes or {}
 
         def _decode(self, table: pa.Table, row: bool) -> dict:
-            out = {}
+            out: dict[str, Any] = {}
             for name in table.column_names:
                 column = table.column(name)
                 if is_vector_column(name):
@@ -182,8 +183,8 @@ def _register_formatter() -> None:
                     if pa.types.is_fixed_size_list(_storage_type(column.type)):
                         out[name] = tensor[0] if row else tensor
                     else:
-                        rows = [tensor[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1)]
-                        out[name] = rows[0] if row else rows
+                        per_row = [tensor[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1)]
+                        out[name] = per_row[0] if row else per_row
                 else:
                     values = column.to_pylist()
                     out[name] = values[0] if row else values
@@ -228,7 +229,7 @@ def iter_token_batches(
     files = shard_files(Path(path))
     units = _row_group_units(files)[worker::num_workers]
     rng = np.random.default_rng([seed, worker]) if shuffle_buffer else None
-    dtype = None
+    dtype = "float32"  # replaced by the column's stored dtype once its first file is opened
     pending: list[np.ndarray] = []
     pending_count = 0
 
@@ -249,9 +250,9 @@ def iter_token_batches(
         pending_count = len(buffer) - stop
 
     threshold = max(shuffle_buffer or 0, batch_size)
-    for file, group in units:
+    for unit_index, (file, group) in enumerate(units):
         parquet = pq.ParquetFile(file)
-        if dtype is None:
+        if unit_index == 0:
             dtype = stored_dtype(parquet.schema_arrow.field(column))
         table = parquet.read_row_group(group, columns=[column])
         vectors, _ = layer_vectors(table.column(column))

@@ -10,7 +10,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -180,7 +180,7 @@ class BackgroundShardWriter:
         rank: int,
         schema: pa.Schema,
         options: dict,
-        encode: Callable[[object], tuple[pa.Table, int]],
+        encode: Callable[[Any], tuple[pa.Table, int, int]],
         max_pending: int = 4,
         on_shard_done: Callable[[ShardInfo], None] | None = None,
         name: str = "actlightning-writer",
@@ -201,7 +201,7 @@ class BackgroundShardWriter:
         self.shuffle_buffer = shuffle_buffer
         self.shuffle_seed = shuffle_seed
         self.vector_encoder = vector_encoder
-        self._buffer: list[tuple[pa.Table, int]] = []
+        self._buffer: list[tuple[pa.Table, int, int]] = []
         self._flushes = 0
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
@@ -259,6 +259,7 @@ class BackgroundShardWriter:
 
         The generator is seeded by (seed, shard, flush), so a shard's order never depends on threads.
         """
+        assert self._current is not None, "a shard is open while its batches are buffered"
         table = pa.concat_tables([t for t, _, _ in self._buffer])
         tokens = sum(n for _, n, _ in self._buffer)
         examples = sum(e for _, _, e in self._buffer)

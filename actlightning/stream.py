@@ -14,12 +14,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 from torch.utils.data import IterableDataset
 
-from actlightning.batching import BatchPacker, PaddingSide, PlannedBatch, TokenStore, collate, length_order
+from actlightning.batching import Batch, BatchPacker, PaddingSide, PlannedBatch, TokenStore, collate, length_order
 from actlightning.errors import ConfigError
 
 # Rows tokenized together while streaming (the fast tokenizer batches in Rust).
@@ -112,7 +113,7 @@ def selected_examples(
     ``example_id`` is the row's index in the stream, as in the in-memory path (the index in the
     loaded split). ``tokenize`` is None for a pre-tokenized input column.
     """
-    pending: list[tuple[int, object, dict]] = []
+    pending: list[tuple[int, Any, dict]] = []
 
     def flush() -> Iterator[tuple[int, np.ndarray, dict]]:
         inputs = [value for _, value, _ in pending]
@@ -187,9 +188,9 @@ def stream_shards(
 
     def batches() -> Iterator[tuple[TokenStore, pa.Table | None, np.ndarray]]:
         packer = BatchPacker(batch_size, max_tokens)
-        pending: list[tuple[TokenStore, pa.Table | None, np.ndarray]] = []
+        pending: list[tuple[TokenStore, pa.Table | None, int]] = []
         for window in windows():
-            store = TokenStore.from_sequences(window.tokens, window.example_ids)
+            store = TokenStore.from_sequences(window.tokens, window.example_ids)  # type: ignore[arg-type]
             labels = pa.Table.from_pylist(window.labels, schema=label_schema) if label_schema is not None else None
             counts.selected += len(store)
             counts.tokens += int(store.lengths.sum())
@@ -201,7 +202,7 @@ def stream_shards(
                 closed = packer.add(int(position), int(store.lengths[position]))
                 if closed is not None:
                     yield from _emit(pending, closed)
-                pending.append((store, labels, position))
+                pending.append((store, labels, int(position)))
             if bucket_size is not None:
                 last = packer.flush()
                 if last is not None:
@@ -263,7 +264,7 @@ class StreamingBatches(IterableDataset):
         self.shards, self.done, self.rank, self.world_size = shards, set(done), rank, world_size
         self.pad_id, self.padding_side = pad_id, padding_side
 
-    def __iter__(self) -> Iterator[dict]:
+    def __iter__(self) -> Iterator[Batch]:
         missing = 0
         for shard_index, batches in self.shards():
             if shard_index in self.done:

@@ -15,6 +15,7 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -82,7 +83,7 @@ def tokenizer_fingerprint(tokenizer: object) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-def _tokenize_batch(texts: list, tokenizer: object) -> dict:
+def _tokenize_batch(texts: list, tokenizer: Any) -> dict:
     encoded = tokenizer([t if t is not None else "" for t in texts], add_special_tokens=True)["input_ids"]
     return {TOKENS: encoded, LENGTH: [len(ids) for ids in encoded]}
 

@@ -8,7 +8,7 @@ import shutil
 import threading
 import time
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import numpy as np
 import pyarrow as pa
@@ -36,7 +36,18 @@ from actlightning.manifest import (
 from actlightning.schema import EXAMPLE_ID, Layout, batch_to_table, build_features, build_schema, check_finite
 from actlightning.shards import Compression, ShardInfo, ShardWriterPool, VectorEncoder, is_tmp_file, parquet_options
 
+if TYPE_CHECKING:
+    from actlightning.batching import Batch
+    from actlightning.data import ActivationDataModule
+    from actlightning.module import ActivationModule, Prediction
+
 log = logging.getLogger(__name__)
+
+
+def datamodule_of(trainer: Trainer) -> ActivationDataModule:
+    """The trainer's data module (an attribute Lightning sets at run time)."""
+    return trainer.datamodule  # type: ignore[attr-defined]
+
 
 ExportState = Literal["new", "resume", "complete", "overwrite"]
 
@@ -192,9 +203,11 @@ class ParquetShardWriter(BasePredictionWriter):
         self._writer: ShardWriterPool | None = None
         self._known: dict[str, ShardInfo] = {}
 
-    def export_settings(self, trainer: Trainer, pl_module: LightningModule, datamodule=None) -> dict:
+    def export_settings(
+        self, trainer: Trainer, pl_module: ActivationModule, datamodule: ActivationDataModule | None = None
+    ) -> dict:
         """Settings that define an export: resuming under different ones would mix two exports."""
-        datamodule = datamodule if datamodule is not None else trainer.datamodule
+        datamodule = datamodule if datamodule is not None else datamodule_of(trainer)
         return {
             "model": pl_module.export_settings(),
             "data": datamodule.export_settings(),
@@ -204,7 +217,7 @@ class ParquetShardWriter(BasePredictionWriter):
             "shuffle_seed": self.shuffle_seed if self.shuffle_buffer else None,
         }
 
-    def plan_export(self, pl_module: LightningModule, datamodule) -> dict:
+    def plan_export(self, pl_module: ActivationModule, datamodule: ActivationDataModule) -> dict:
         """What the export will cost, from the loaded and filtered data (no forward pass).
 
         Raises ``ConfigError`` when the estimate exceeds the free space (unless ``ignore_free_space``).
@@ -215,6 +228,7 @@ class ParquetShardWriter(BasePredictionWriter):
             return self._plan_stream(pl_module)
         shards, _ = datamodule.plan()
         store = datamodule.store
+        assert store is not None and not isinstance(store, str), "setup() has run"
         lengths = (
             np.concatenate([store.lengths[b] for shard in shards for b in shard])
             if shards
@@ -231,7 +245,7 @@ class ParquetShardWriter(BasePredictionWriter):
         already = existing["totals"]["bytes"] if existing and not self.overwrite else 0
         probe = _nearest_existing(self.output_dir)
         free = shutil.disk_usage(probe).free
-        plan = {
+        plan: dict[str, Any] = {
             "examples": int(len(lengths)),
             "tokens": int(exported.sum()),
             "columns": widths,
@@ -266,7 +280,7 @@ class ParquetShardWriter(BasePredictionWriter):
             )
         return plan
 
-    def _plan_stream(self, pl_module: LightningModule) -> dict:
+    def _plan_stream(self, pl_module: ActivationModule) -> dict:
         """A streaming export's plan: what is known before the stream is read."""
         widths = pl_module.estimated_widths()
         value_bytes = 4 if pl_module.storage_dtype == "float32" else 2
@@ -364,8 +378,9 @@ class ParquetShardWriter(BasePredictionWriter):
         if stage != "predict":
             return
         self._lock = threading.Lock()
-        datamodule = self._datamodule = trainer.datamodule
-        self.settings = self.export_settings(trainer, pl_module)
+        datamodule = self._datamodule = datamodule_of(trainer)
+        module = cast("ActivationModule", pl_module)
+        self.settings = self.export_settings(trainer, module)
         state = self.inspect_output_dir(self.settings)
         trainer.strategy.barrier("actlightning-inspected")
         if trainer.is_global_zero:
@@ -382,8 +397,8 @@ class ParquetShardWriter(BasePredictionWriter):
         datamodule.configure_sharding(
             self.batches_per_shard, self.max_shards, done_ids, {i.shard_index for i in existing}
         )
-        self.storage_dtype = pl_module.storage_dtype
-        self.vector_columns = pl_module.layer_columns
+        self.storage_dtype = module.storage_dtype
+        self.vector_columns = module.layer_columns
         # Built from the first batch: a hook point's vector width is only known from its output.
         self.schema: pa.Schema | None = None
         if trainer.is_global_zero:
@@ -415,12 +430,12 @@ class ParquetShardWriter(BasePredictionWriter):
         self._writer = None
         self._finished: list[ShardInfo] = []
 
-    def _start_writers(self, trainer: Trainer, prediction: dict) -> None:
+    def _start_writers(self, trainer: Trainer, prediction: Prediction) -> ShardWriterPool:
         widths = {column: prediction.vectors[column].shape[1] for column in self.vector_columns}
-        features = build_features(widths, self.storage_dtype, trainer.datamodule.label_features, self.layout)
+        features = build_features(widths, self.storage_dtype, self._datamodule.label_features, self.layout)
         self.schema = build_schema(features, self.storage_dtype)
         self.options = parquet_options(self.schema, self.compression, self.vector_columns, self.compression_level)
-        self._writer = ShardWriterPool(
+        return ShardWriterPool(
             self.writer_threads,
             folder=self.output_dir,
             rank=trainer.global_rank,
@@ -434,7 +449,7 @@ class ParquetShardWriter(BasePredictionWriter):
             vector_encoder=self.vector_encoder,
         )
 
-    def _encode(self, item: tuple[dict, pa.Table | None]) -> tuple[pa.Table, int, int]:
+    def _encode(self, item: tuple[Prediction, pa.Table | None]) -> tuple[pa.Table, int, int]:
         """On a writer thread: wait for the device copy, refuse NaN/overflow, build the Arrow table."""
         prediction, labels = item
         if prediction.ready is not None:
@@ -445,13 +460,20 @@ class ParquetShardWriter(BasePredictionWriter):
 
     @override
     def write_on_batch_end(
-        self, trainer, pl_module, prediction, batch_indices, batch, batch_idx: int, dataloader_idx: int = 0
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        prediction: Prediction,
+        batch_indices: object,
+        batch: Batch,
+        batch_idx: int,
+        dataloader_idx: int = 0,
     ) -> None:
         if self._writer is None:
-            self._start_writers(trainer, prediction)
+            self._writer = self._start_writers(trainer, prediction)
         labels = batch.labels
-        if labels is None and trainer.datamodule.label_columns:
-            labels = trainer.datamodule.label_rows(batch.host_example_id)
+        if labels is None and self._datamodule.label_columns:
+            labels = self._datamodule.label_rows(batch.host_example_id)
         self.tokens_submitted += batch.host_tokens
         self._writer.submit(prediction.shard_index, (prediction, labels), prediction.last_in_shard)
 
@@ -486,6 +508,7 @@ class ParquetShardWriter(BasePredictionWriter):
             }
             self._write_manifest(complete=True, extra={"run": run})
             manifest = read_manifest(self.output_dir)
+            assert manifest is not None, "written just above"
             self._write_card(manifest)
             log.info(summary_text(manifest, shards))
 
