@@ -270,7 +270,7 @@ class ActivationDataModule(LightningDataModule):
             return load_dataset(
                 self.path, self.name, split=self.split, data_files=self.data_files, revision=self.revision
             )
-        except Exception as error:  # noqa: BLE001 - any failure to read the data is reported as one line
+        except Exception as error:  # any failure to read the data is reported as one line
             cause = error.__cause__ if isinstance(error, DatasetGenerationError) and error.__cause__ else error
             text = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
             if text.startswith("Unknown split"):

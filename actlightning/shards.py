@@ -219,7 +219,7 @@ class BackgroundShardWriter:
                 continue
             try:
                 self._write(*entry)
-            except BaseException as error:  # noqa: BLE001 - re-raised on the main thread
+            except BaseException as error:  # re-raised on the main thread
                 self._error = error
                 self._buffer = []
                 if self._current is not None:
@@ -329,7 +329,7 @@ class ShardWriterPool:
         for writer in self.writers:
             try:
                 finished += writer.close()
-            except BaseException as error:  # noqa: BLE001 - the first error is raised below
+            except BaseException as error:  # the first error is raised below
                 errors.append(error)
         if errors:
             raise errors[0]
