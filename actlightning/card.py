@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from actlightning.schema import VECTOR_PREFIXES
+from actlightning.schema import VECTOR_PREFIXES, storage_type
 
 
 def _describe_type(field: pa.Field) -> str:
-    return str(field.type.storage_type if isinstance(field.type, pa.ExtensionType) else field.type)
+    return str(storage_type(field.type))
 
 
 BFLOAT16_NOTE = " (raw bfloat16 bit patterns as 2-byte binaries; decode with the reader)"

@@ -30,7 +30,7 @@ from actlightning.batching import (
     rank_batches,
     search_batch_size,
 )
-from actlightning.errors import ConfigError
+from actlightning.errors import ConfigError, first_line, require_positive
 from actlightning.filters import length_range, shuffle_and_limit
 from actlightning.schema import is_reserved_column
 from actlightning.stream import StreamCounts
@@ -65,13 +65,6 @@ class _PlanDataset(TorchDataset):
 
     def __getitem__(self, index: int) -> PlannedBatch:
         return self.planned[index]
-
-
-def _positive(name: str, value: int | None, allow_none: bool = True) -> None:
-    if value is None and allow_none:
-        return
-    if value is None or value <= 0:
-        raise ConfigError(f"data.{name} must be a positive integer{' or unset' if allow_none else ''}, got {value}")
 
 
 def batch_size_search_applies(device: torch.device) -> bool:
@@ -163,8 +156,8 @@ class ActivationDataModule(LightningDataModule):
         tokenizer_revision: str | None = None,
     ) -> None:
         super().__init__()
-        _positive("batch_size", batch_size, allow_none=False)
-        for name_, value in [
+        require_positive("data.batch_size", batch_size)
+        for setting, value in [
             ("max_tokens", max_tokens),
             ("max_length", max_length),
             ("limit", limit),
@@ -172,7 +165,7 @@ class ActivationDataModule(LightningDataModule):
             ("min_tokens", min_tokens),
             ("max_tokens_per_sequence", max_tokens_per_sequence),
         ]:
-            _positive(name_, value)
+            require_positive(f"data.{setting}", value, allow_unset=True)
         if min_tokens is not None and max_tokens_per_sequence is not None and min_tokens > max_tokens_per_sequence:
             raise ConfigError(
                 f"data.min_tokens ({min_tokens}) is above data.max_tokens_per_sequence ({max_tokens_per_sequence}): "
@@ -180,7 +173,7 @@ class ActivationDataModule(LightningDataModule):
             )
         if num_workers < 0:
             raise ConfigError(f"data.num_workers must be 0 or more, got {num_workers}")
-        _positive("num_proc", num_proc)
+        require_positive("data.num_proc", num_proc, allow_unset=True)
         if streaming:
             from actlightning.stream import check_streaming_settings
 
@@ -261,8 +254,7 @@ class ActivationDataModule(LightningDataModule):
         try:
             builder = load_dataset_builder(self.path, self.name, data_files=self.data_files, revision=self.revision)
         except (FileNotFoundError, OSError, ValueError) as error:
-            message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise ConfigError(f"{self._source()} could not be loaded: {message}") from None
+            raise ConfigError(f"{self._source()} could not be loaded: {first_line(error)}") from None
         splits = builder.info.splits
         if splits and self.split not in splits and "[" not in self.split:
             raise ConfigError(f"data.split {self.split!r} does not exist; the splits are {sorted(splits)}")
@@ -272,7 +264,7 @@ class ActivationDataModule(LightningDataModule):
             )
         except Exception as error:  # any failure to read the data is reported as one line
             cause = error.__cause__ if isinstance(error, DatasetGenerationError) and error.__cause__ else error
-            text = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+            text = first_line(cause) if str(cause).strip() else ""
             if text.startswith("Unknown split"):
                 # The builder knows its splits only once it has read the data: the same error, later.
                 splits = text.split("Should be one of", 1)[-1].strip(" .")
@@ -302,7 +294,7 @@ class ActivationDataModule(LightningDataModule):
             self.pad_id = tokenizer.pad_token_id
         return tokenizer
 
-    def _select(self, step: str, kept: np.ndarray, before: int) -> None:
+    def _count_removed(self, step: str, kept: np.ndarray, before: int) -> None:
         """Record how many rows ``step`` removed."""
         self.removed[step] = int(before - len(kept))
 
@@ -343,7 +335,7 @@ class ActivationDataModule(LightningDataModule):
         ids = np.arange(len(dataset))
         if self.filter is not None:
             keep = np.fromiter((bool(self.filter(row)) for row in dataset), dtype=bool, count=len(dataset))
-            self._select("filter", ids[keep], len(ids))
+            self._count_removed("filter", ids[keep], len(ids))
             ids = ids[keep]
         text = dataset.data.column(self.input_column)
         for step, enabled, select in [
@@ -352,20 +344,20 @@ class ActivationDataModule(LightningDataModule):
         ]:
             if enabled:
                 kept = select(text, ids)
-                self._select(step, kept, len(ids))
+                self._count_removed(step, kept, len(ids))
                 ids = kept
         tokens, lengths = self._tokens(dataset)
         store = TokenTable(tokens, ids, lengths[ids])
         kept = np.flatnonzero(store.lengths > 0)
-        self._select("empty", kept, len(store))
+        self._count_removed("empty", kept, len(store))
         store = store.select(kept)
         if self.min_tokens is not None or self.max_tokens_per_sequence is not None:
             kept = length_range(store.lengths, self.min_tokens, self.max_tokens_per_sequence)
-            self._select("token_range", kept, len(store))
+            self._count_removed("token_range", kept, len(store))
             store = store.select(kept)
         if self.shuffle_seed is not None or self.limit is not None:
             kept = shuffle_and_limit(len(store), self.shuffle_seed, self.limit)
-            self._select("limit", kept, len(store))
+            self._count_removed("limit", kept, len(store))
             store = store.select(kept)
         max_length = self._max_length()
         self.stats["truncated"] = int((store.lengths > max_length).sum()) if max_length else 0
@@ -588,8 +580,7 @@ class ActivationDataModule(LightningDataModule):
                 streaming=True,
             )
         except (FileNotFoundError, OSError, ValueError) as error:
-            message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise ConfigError(f"{self._source()} could not be streamed: {message}") from None
+            raise ConfigError(f"{self._source()} could not be streamed: {first_line(error)}") from None
         if stream.features is None:
             stream = stream._resolve_features()
         features = stream.features

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from transformers import PretrainedConfig
 
-from actlightning.errors import ConfigError
+from actlightning.errors import ConfigError, first_line
 
 
 def load_pretrained(loader, setting: str, name: str, **kwargs):
@@ -17,9 +17,8 @@ def load_pretrained(loader, setting: str, name: str, **kwargs):
     try:
         return loader(name, **kwargs)
     except OSError as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ConfigError(
-            f"{setting} {name!r} could not be loaded: {first_line} "
+            f"{setting} {name!r} could not be loaded: {first_line(error)} "
             "(a local folder must hold a saved model; a Hub id needs network access or a warm HF cache)"
         ) from None
 

@@ -196,7 +196,7 @@ class ActivationModule(LightningModule):
 
     def check_settings(self) -> None:
         """Validate the settings against the checkpoint's config, before any weights load."""
-        if not self.layer_columns:
+        if not self.vector_columns:
             raise ConfigError("model.layers is empty and model.hook_points unset: there is nothing to export")
         context = context_size(self.config)
         if self.n_pos is not None and context is not None and self.n_pos > context:
@@ -298,7 +298,7 @@ class ActivationModule(LightningModule):
         return widths
 
     @property
-    def layer_columns(self) -> list[str]:
+    def vector_columns(self) -> list[str]:
         """Every exported vector column: ``layer_{i}`` then ``hook_...``, in capture order."""
         return [layer_column(i) for i in self.layers] + [p.column for p in self.hook_points]
 

@@ -33,7 +33,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from actlightning.schema import flat_values
+from actlightning.schema import flat_values, storage_array, storage_type
 
 MAGIC = b"PAR1"
 PAGE_BYTES = 1 << 20  # bytes of values per data page (Arrow's default page size); pages hold whole rows
@@ -225,7 +225,7 @@ class _VectorLeaf:
 
 def _vector_leaf(field: pa.Field, column: pq.ColumnSchema) -> _VectorLeaf | None:
     """The fast layout of ``field``, or None when pyarrow should write it."""
-    outer = field.type.storage_type if isinstance(field.type, pa.ExtensionType) else field.type
+    outer = storage_type(field.type)
     # The two shapes this tool writes: list<list<x>> (sequence layout), fixed_size_list<x> (token layout).
     if pa.types.is_list(outer) and pa.types.is_list(outer.value_type):
         depth, kind = 2, outer.value_type.value_type
@@ -276,7 +276,7 @@ def _leaf_paths(elements: Sequence[Struct]) -> list[list[bytes]]:
 
 def _vector_values(array: pa.Array, leaf: _VectorLeaf) -> tuple[np.ndarray, np.ndarray, int] | None:
     """(values, tokens per row, width) of one chunk without copying, or None if it has another shape."""
-    storage = array.storage if isinstance(array, pa.ExtensionArray) else array
+    storage = storage_array(array)
     if storage.null_count:
         return None
     if leaf.depth == 1:

@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from actlightning.manifest import MANIFEST, shard_files
-from actlightning.schema import DTYPE_METADATA_KEY, VECTOR_PREFIXES, flat_values
+from actlightning.schema import DTYPE_METADATA_KEY, VECTOR_PREFIXES, flat_values, storage_array, storage_type
 
 
 def stored_dtype(field: pa.Field) -> str:
@@ -29,7 +29,7 @@ def stored_dtype(field: pa.Field) -> str:
     metadata = field.metadata or {}
     if DTYPE_METADATA_KEY in metadata:
         return metadata[DTYPE_METADATA_KEY].decode()
-    value = field.type.storage_type if isinstance(field.type, pa.ExtensionType) else field.type
+    value = storage_type(field.type)
     while pa.types.is_list(value) or pa.types.is_fixed_size_list(value):
         value = value.value_type
     if pa.types.is_fixed_size_binary(value) and value.byte_width == 2:
@@ -43,7 +43,7 @@ def is_vector_column(name: str) -> bool:
 
 def _chunk_vectors(chunk: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     """One chunk of a vector column -> ``(vectors [tokens, width], row_offsets [rows + 1])``."""
-    storage = chunk.storage if isinstance(chunk, pa.ExtensionArray) else chunk
+    storage = storage_array(chunk)
     if pa.types.is_fixed_size_list(storage.type):  # token layout: one vector per row
         width = storage.type.list_size
         values = storage.values.slice(storage.offset * width, len(storage) * width)
@@ -60,7 +60,7 @@ def _chunk_vectors(chunk: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     return flat.reshape(-1, width), outer - outer[0]
 
 
-def layer_vectors(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
+def column_vectors(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
     """A vector column -> ``(vectors [total_tokens, width], row_offsets [rows + 1])``.
 
     Zero-copy for a single chunk. bfloat16 columns come back as their raw uint16 bits (see ``to_torch``).
@@ -92,14 +92,14 @@ def to_torch(vectors: np.ndarray, dtype: str) -> torch.Tensor:
     return tensor
 
 
-def read_shard_layers(path: Path | str, columns: list[str] | None = None) -> dict[str, list[torch.Tensor]]:
+def read_shard_vectors(path: Path | str, columns: list[str] | None = None) -> dict[str, list[torch.Tensor]]:
     """Each vector column of a shard as a list (one per row) of ``[tokens, width]`` tensors."""
     table = pq.read_table(path, columns=columns)
     result = {}
     for field in table.schema:
         if not is_vector_column(field.name):
             continue
-        vectors, offsets = layer_vectors(table.column(field.name))
+        vectors, offsets = column_vectors(table.column(field.name))
         tensor = to_torch(vectors, stored_dtype(field))
         result[field.name] = [tensor[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1)]
     return result
@@ -178,9 +178,9 @@ def _register_formatter() -> None:
             for name in table.column_names:
                 column = table.column(name)
                 if is_vector_column(name):
-                    vectors, offsets = layer_vectors(column)
+                    vectors, offsets = column_vectors(column)
                     tensor = to_torch(vectors, self.dtypes.get(name, stored_dtype(table.schema.field(name))))
-                    if pa.types.is_fixed_size_list(_storage_type(column.type)):
+                    if pa.types.is_fixed_size_list(storage_type(column.type)):
                         out[name] = tensor[0] if row else tensor
                     else:
                         per_row = [tensor[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1)]
@@ -200,10 +200,6 @@ def _register_formatter() -> None:
             return self._decode(pa_table, row=False)
 
     register_formatter(ActivationFormatter, "actlightning")
-
-
-def _storage_type(arrow_type: pa.DataType) -> pa.DataType:
-    return arrow_type.storage_type if isinstance(arrow_type, pa.ExtensionType) else arrow_type
 
 
 def _row_group_units(files: list[Path]) -> list[tuple[Path, int]]:
@@ -255,7 +251,7 @@ def iter_token_batches(
         if unit_index == 0:
             dtype = stored_dtype(parquet.schema_arrow.field(column))
         table = parquet.read_row_group(group, columns=[column])
-        vectors, _ = layer_vectors(table.column(column))
+        vectors, _ = column_vectors(table.column(column))
         if not len(vectors):
             continue
         pending.append(vectors)

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from actlightning.reader import layer_vectors, open_export, stored_dtype, to_torch
+from actlightning.reader import column_vectors, open_export, stored_dtype, to_torch
 
 # Norms kept per column for histograms and quantiles (every k-th token once more arrive).
 _SAMPLE = 200_000
@@ -68,7 +68,7 @@ def collect(path: str | Path) -> tuple[dict[str, NormStats], np.ndarray, object]
         for group in range(parquet.metadata.num_row_groups):
             for name in export.vector_columns:
                 table = parquet.read_row_group(group, columns=[name])
-                vectors, _ = layer_vectors(table.column(name))
+                vectors, _ = column_vectors(table.column(name))
                 if not len(vectors):
                     continue
                 values = to_torch(vectors, stored_dtype(table.schema.field(name))).float()

@@ -107,6 +107,16 @@ def tensor_to_numpy(tensor: torch.Tensor) -> np.ndarray:
     return tensor.numpy()
 
 
+def storage_type(arrow_type: pa.DataType) -> pa.DataType:
+    """The Arrow type under an extension type (HF's ``Array2D``), or the type itself."""
+    return arrow_type.storage_type if isinstance(arrow_type, pa.ExtensionType) else arrow_type
+
+
+def storage_array(array: pa.Array) -> pa.Array:
+    """The array under an extension array (HF's ``Array2D``), or the array itself."""
+    return array.storage if isinstance(array, pa.ExtensionArray) else array
+
+
 def flat_values(values: pa.Array) -> np.ndarray:
     """A flat array of numbers (or of bfloat16 bit patterns, 2-byte binaries) as numpy, without copying
     when it has no nulls; 2-byte binaries come back as uint16."""
@@ -130,7 +140,7 @@ def _offsets(lengths: np.ndarray) -> pa.Array:
     return _primitive(offsets, pa.int32())
 
 
-def layer_array(vectors: np.ndarray, lengths: np.ndarray, arrow_type: pa.DataType) -> pa.Array:
+def vector_array(vectors: np.ndarray, lengths: np.ndarray, arrow_type: pa.DataType) -> pa.Array:
     """``[total_tokens, hidden]`` packed vectors -> ``list<list<value>>`` (one outer list per sequence).
 
     Built from buffers, so no Python object is created per value or per token.
@@ -183,10 +193,10 @@ def batch_to_table(
         arrow_type = schema.field(name).type
         vectors = tensor_to_numpy(tensor)
         if layout == "sequence" and isinstance(arrow_type, pa.ExtensionType):
-            storage = layer_array(vectors, lengths, arrow_type.storage_type)
+            storage = vector_array(vectors, lengths, arrow_type.storage_type)
             columns[name] = pa.ExtensionArray.from_storage(arrow_type, storage)
         elif layout == "sequence":
-            columns[name] = layer_array(vectors, lengths, arrow_type)
+            columns[name] = vector_array(vectors, lengths, arrow_type)
         else:
             columns[name] = pa.FixedSizeListArray.from_arrays(
                 _primitive(vectors.reshape(-1), arrow_type.value_type), type=arrow_type

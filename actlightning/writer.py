@@ -19,7 +19,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from typing_extensions import override
 
 from actlightning.card import render_card
-from actlightning.errors import ConfigError
+from actlightning.errors import ConfigError, require_positive
 from actlightning.humanize import human_bytes, plural
 from actlightning.manifest import (
     CARD,
@@ -157,10 +157,8 @@ class ParquetShardWriter(BasePredictionWriter):
         ignore_free_space: bool = False,
     ) -> None:
         super().__init__(write_interval="batch")
-        if batches_per_shard <= 0:
-            raise ConfigError(f"writer.batches_per_shard must be a positive integer, got {batches_per_shard}")
-        if max_shards is not None and max_shards <= 0:
-            raise ConfigError(f"writer.max_shards must be a positive integer or unset, got {max_shards}")
+        require_positive("writer.batches_per_shard", batches_per_shard)
+        require_positive("writer.max_shards", max_shards, allow_unset=True)
         if compression_level is not None and compression != "zstd":
             raise ConfigError(
                 f"writer.compression_level is set ({compression_level}) but writer.compression is {compression!r}; "
@@ -168,14 +166,9 @@ class ParquetShardWriter(BasePredictionWriter):
             )
         if compression_level is not None and not 1 <= compression_level <= 22:
             raise ConfigError(f"writer.compression_level must be 1..22 for zstd, got {compression_level}")
-        if max_pending_batches <= 0:
-            raise ConfigError(f"writer.max_pending_batches must be a positive integer, got {max_pending_batches}")
-        if writer_threads <= 0:
-            raise ConfigError(f"writer.writer_threads must be a positive integer, got {writer_threads}")
-        if shuffle_buffer is not None and shuffle_buffer <= 0:
-            raise ConfigError(
-                f"writer.shuffle_buffer must be a positive number of batches or unset, got {shuffle_buffer}"
-            )
+        require_positive("writer.max_pending_batches", max_pending_batches)
+        require_positive("writer.writer_threads", writer_threads)
+        require_positive("writer.shuffle_buffer", shuffle_buffer, allow_unset=True)
         if shuffle_buffer is not None and layout != "token":
             raise ConfigError("writer.shuffle_buffer shuffles token rows: it needs writer.layout: token")
         self.output_dir = Path(output_dir)
@@ -398,7 +391,7 @@ class ParquetShardWriter(BasePredictionWriter):
             self.batches_per_shard, self.max_shards, done_ids, {i.shard_index for i in existing}
         )
         self.storage_dtype = module.storage_dtype
-        self.vector_columns = module.layer_columns
+        self.vector_columns = module.vector_columns
         # Built from the first batch: a hook point's vector width is only known from its output.
         self.schema: pa.Schema | None = None
         if trainer.is_global_zero:

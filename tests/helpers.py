@@ -15,7 +15,7 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 
 from actlightning.cli import ActLightningCLI, main
-from actlightning.reader import layer_vectors, stored_dtype, to_torch
+from actlightning.reader import column_vectors, stored_dtype, to_torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -78,7 +78,7 @@ def read_rows(output_dir: Path) -> list[dict]:
         layers = [name for name in table.column_names if name.startswith("layer_")]
         plain = table.drop_columns(layers).to_pylist()
         for name in layers:
-            vectors, offsets = layer_vectors(table.column(name))
+            vectors, offsets = column_vectors(table.column(name))
             tensor = to_torch(vectors, stored_dtype(table.schema.field(name)))
             if tensor.dtype == torch.bfloat16:
                 tensor = tensor.float()

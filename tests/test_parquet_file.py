@@ -215,9 +215,9 @@ def _polars_column(path, name: str, layout: str, dtype: str) -> np.ndarray:
 
 
 def _exported(tables: list[pa.Table], name: str, dtype: str) -> np.ndarray:
-    from actlightning.reader import layer_vectors
+    from actlightning.reader import column_vectors
 
-    vectors, _ = layer_vectors(pa.concat_tables(tables).column(name))
+    vectors, _ = column_vectors(pa.concat_tables(tables).column(name))
     return vectors.reshape(-1) if dtype == "bfloat16" else vectors.reshape(-1).astype(np.float32)
 
 

@@ -19,7 +19,7 @@ from actlightning.batching import (
 )
 from actlightning.capture import resolve_layers
 from actlightning.module import Prediction, select_tokens
-from actlightning.reader import layer_vectors, to_torch
+from actlightning.reader import column_vectors, to_torch
 from actlightning.schema import batch_to_table, build_features, build_schema
 
 
@@ -120,7 +120,7 @@ def test_batch_to_table_round_trips_vectors_bit_exactly(dtype):
     schema = build_schema(features, dtype)
     table = batch_to_table(prediction, schema, pa.table({}))
     assert table.column("input_ids").to_pylist() == [[0, 1, 2, 3, 4], [5, 6]]
-    got, offsets = layer_vectors(table.column("layer_1"))
+    got, offsets = column_vectors(table.column("layer_1"))
     assert offsets.tolist() == [0, 5, 7]
     decoded = to_torch(got, dtype)
     assert decoded.dtype == torch_dtype

@@ -113,7 +113,7 @@ def _token_rows(out: Path) -> list[dict]:
     """Token-layout rows, vectors as float32 numpy."""
     import pyarrow.parquet as pq
 
-    from actlightning.reader import layer_vectors, stored_dtype, to_torch
+    from actlightning.reader import column_vectors, stored_dtype, to_torch
 
     rows = []
     for path in sorted(out.glob("*.parquet")):
@@ -121,7 +121,7 @@ def _token_rows(out: Path) -> list[dict]:
         names = [n for n in table.column_names if n.startswith("layer_")]
         plain = table.drop_columns(names).to_pylist()
         for name in names:
-            vectors, _ = layer_vectors(table.column(name))
+            vectors, _ = column_vectors(table.column(name))
             values = to_torch(vectors, stored_dtype(table.schema.field(name))).float().numpy()
             for row, vector in zip(plain, values, strict=True):
                 row[name] = vector
@@ -271,7 +271,7 @@ def main() -> None:
                     summary[name] = throughput(Path(folder), args.examples, args.hidden_size, args.threads)
                 else:
                     summary[name] = check(Path(folder))
-            except Exception:  # noqa: BLE001 - report and go on to the next check
+            except Exception:  # report it and go on to the next check
                 summary[name] = "FAILED: " + traceback.format_exc()[-3000:]
         summary[f"{name}_seconds"] = round(time.perf_counter() - started, 1)
         (args.out / "gpu_check.json").write_text(json.dumps(summary, indent=2, default=str))
