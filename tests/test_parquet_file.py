@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import errno
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -164,28 +162,65 @@ def test_thrift_footer_reencodes_byte_for_byte(tmp_path):
         assert bytes(encoded) == footer
 
 
-def test_write_error_in_a_vector_page_removes_the_partial_shard(tmp_path, monkeypatch):
+def _random_struct(rng: np.random.Generator, depth: int = 0) -> dict:
+    """A random Thrift struct of every type the codec handles (no booleans inside lists: Parquet has none)."""
+    from actlightning.parquet_file import T_BINARY, T_BYTE, T_DOUBLE, T_I16, T_I32, T_I64, T_LIST, T_STRUCT, T_TRUE
+
+    def value(kind: int):
+        if kind == T_TRUE:
+            return bool(rng.integers(2))
+        if kind == T_BYTE:
+            return int(rng.integers(0, 256))
+        if kind in (T_I16, T_I32, T_I64):
+            bits = {T_I16: 15, T_I32: 31, T_I64: 63}[kind]
+            return int(rng.integers(-(2**bits), 2**bits - 1, dtype=np.int64))
+        if kind == T_DOUBLE:
+            return rng.bytes(8)
+        if kind == T_BINARY:
+            return rng.bytes(int(rng.integers(0, 40)))
+        if kind == T_LIST:
+            element = int(rng.choice([T_BYTE, T_I32, T_I64, T_BINARY] + ([T_STRUCT] if depth < 2 else [])))
+            count = int(rng.choice([0, 3, 14, 15, 40]))  # short and long list headers
+            return element, [value(element) for _ in range(count)]
+        return _random_struct(rng, depth + 1)
+
+    kinds = [T_TRUE, T_BYTE, T_I16, T_I32, T_I64, T_DOUBLE, T_BINARY, T_LIST] + ([T_STRUCT] if depth < 2 else [])
+    ids = np.cumsum(rng.choice([1, 2, 15, 16, 300], size=int(rng.integers(0, 8))))  # short and long field headers
+    return {int(i): (int(k), value(int(k))) for i, k in zip(ids, rng.choice(kinds, size=len(ids)), strict=True)}
+
+
+def test_thrift_codec_round_trips_random_structs():
+    rng = np.random.default_rng(7)
+    for _ in range(300):
+        struct = _random_struct(rng)
+        encoded = bytearray()
+        encode_struct(encoded, struct)
+        assert decode_struct(bytes(encoded)) == struct
+        again = bytearray()
+        encode_struct(again, decode_struct(bytes(encoded)))
+        assert again == encoded
+
+
+def test_write_error_in_a_vector_page_removes_the_partial_shard(tmp_path):
+    """A real write failure (the file-size limit: EFBIG, as a full disk gives ENOSPC) while vector pages
+    are written raises, and aborting leaves no file behind."""
+    import resource
+    import signal
+
     schema, tables = _batches("float16", "sequence")
     shard = ShardFile(tmp_path, 0, 0, schema, parquet_options(schema, "none", list(WIDTHS)))
-    original_write, original_chunk = VectorParquetWriter._write, VectorParquetWriter._write_vector_chunk
-    events = []  # "chunk" when a vector chunk starts, then one "write" per piece written in it
-
-    def chunk(self, *args):
-        events.append("chunk")
-        return original_chunk(self, *args)
-
-    def failing(self, data):
-        if events:
-            events.append("write")
-            if events == ["chunk", "write", "write"]:  # the first page's header is out; its levels fail
-                raise OSError(errno.ENOSPC, "No space left on device")
-        original_write(self, data)
-
-    monkeypatch.setattr(VectorParquetWriter, "_write_vector_chunk", chunk)
-    monkeypatch.setattr(VectorParquetWriter, "_write", failing)
-    with pytest.raises(OSError, match="No space left"):
-        shard.write(tables[0], 10, 1)
-    assert events == ["chunk", "write", "write"]
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    # Past 16 kB of file, writes fail: inside the first row group's vector pages.
+    resource.setrlimit(resource.RLIMIT_FSIZE, (16_384, limits[1]))
+    try:
+        with pytest.raises(OSError):
+            for table in tables:
+                shard.write(table, 10, 1)
+            shard.close()
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, handler)
     shard.abort()
     assert list(tmp_path.iterdir()) == []
 
