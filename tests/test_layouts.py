@@ -240,3 +240,19 @@ def test_token_vectors_workers_cover_every_token_once(tmp_path, checkpoints, gam
         )
     )
     assert torch.equal(seen, again), "deterministic for a seed"
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_read_shard_vectors_gives_each_rows_vectors_in_the_stored_dtype(tmp_path, checkpoints, games_file, dtype):
+    from actlightning.reader import read_shard_vectors
+
+    out = tmp_path / "out"
+    run_export(checkpoints["gpt2"], games_file, out, **{"model.output_dtype": dtype, "model.layers": "[2]"})
+    rows = {r["example_id"]: r for r in read_rows(out)}
+    for shard in sorted(out.glob("*.parquet")):
+        vectors = read_shard_vectors(shard)
+        ids = pq.read_table(shard, columns=["example_id"]).column(0).to_pylist()
+        assert list(vectors) == ["layer_2"] and len(vectors["layer_2"]) == len(ids)
+        for example, tensor in zip(ids, vectors["layer_2"], strict=True):
+            assert tensor.dtype == getattr(torch, dtype)
+            np.testing.assert_array_equal(tensor.float().numpy(), rows[example]["layer_2"])
