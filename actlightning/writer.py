@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import pyarrow as pa
@@ -19,22 +18,21 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from typing_extensions import override
 
 from actlightning.card import render_card
+from actlightning.cost import bytes_per_token, exported_tokens
 from actlightning.errors import ConfigError, require_positive
 from actlightning.humanize import human_bytes, plural
 from actlightning.manifest import (
     CARD,
     CONFIG,
-    FORMAT_VERSION,
     MANIFEST,
-    REPORT,
     build_manifest,
     read_manifest,
-    settings_differences,
     shard_files,
     write_json_atomic,
 )
+from actlightning.outputdir import ExportState, clean_output_dir, inspect_output_dir, nearest_existing
 from actlightning.schema import EXAMPLE_ID, Layout, batch_to_table, build_features, build_schema, check_finite
-from actlightning.shards import Compression, ShardInfo, ShardWriterPool, VectorEncoder, is_tmp_file, parquet_options
+from actlightning.shards import Compression, ShardInfo, ShardWriterPool, VectorEncoder, parquet_options
 
 if TYPE_CHECKING:
     from actlightning.batching import Batch
@@ -47,14 +45,6 @@ log = logging.getLogger(__name__)
 def datamodule_of(trainer: Trainer) -> ActivationDataModule:
     """The trainer's data module (an attribute Lightning sets at run time)."""
     return trainer.datamodule  # type: ignore[attr-defined]
-
-
-ExportState = Literal["new", "resume", "complete", "overwrite"]
-
-
-def _nearest_existing(path: Path) -> Path:
-    """``path`` or its closest existing parent (where it would be created)."""
-    return next(p for p in [path, *path.absolute().parents] if p.exists())
 
 
 def summary_text(manifest: dict, shards_this_run: int) -> str:
@@ -227,16 +217,13 @@ class ParquetShardWriter(BasePredictionWriter):
             if shards
             else np.zeros(0, dtype=np.int64)
         )
-        exported = np.minimum(lengths, pl_module.n_pos) if pl_module.n_pos else lengths
+        exported = exported_tokens(lengths, pl_module.n_pos)
         widths = pl_module.estimated_widths()
-        # On disk: float16 and bfloat16 (2-byte binaries) take 2 bytes a value, float32 4.
-        value_bytes = 4 if pl_module.storage_dtype == "float32" else 2
-        # Per token: the vectors, its token id, and in the token layout example_id + position.
-        per_token = sum(widths.values()) * value_bytes + 4 + (12 if self.layout == "token" else 0)
+        per_token = bytes_per_token(widths, pl_module.storage_dtype, self.layout)
         estimate = int(exported.sum()) * per_token
         existing = read_manifest(self.output_dir) if (self.output_dir / MANIFEST).exists() else None
         already = existing["totals"]["bytes"] if existing and not self.overwrite else 0
-        probe = _nearest_existing(self.output_dir)
+        probe = nearest_existing(self.output_dir)
         free = shutil.disk_usage(probe).free
         plan: dict[str, Any] = {
             "examples": int(len(lengths)),
@@ -276,9 +263,8 @@ class ParquetShardWriter(BasePredictionWriter):
     def _plan_stream(self, pl_module: ActivationModule) -> dict:
         """A streaming export's plan: what is known before the stream is read."""
         widths = pl_module.estimated_widths()
-        value_bytes = 4 if pl_module.storage_dtype == "float32" else 2
-        per_token = sum(widths.values()) * value_bytes + 4 + (12 if self.layout == "token" else 0)
-        probe = _nearest_existing(self.output_dir)
+        per_token = bytes_per_token(widths, pl_module.storage_dtype, self.layout)
+        probe = nearest_existing(self.output_dir)
         free = shutil.disk_usage(probe).free
         self.plan = {
             "examples": None,
@@ -305,66 +291,8 @@ class ParquetShardWriter(BasePredictionWriter):
         return self.plan
 
     def inspect_output_dir(self, settings: dict) -> ExportState:
-        """What ``output_dir`` holds, read-only: ``new``, ``resume``, ``complete`` or ``overwrite``.
-
-        Raises ``ValueError`` (naming the setting) when the folder cannot take this export.
-        """
-        folder = self.output_dir
-        if folder.exists() and not folder.is_dir():
-            raise ConfigError(f"writer.output_dir {folder} exists and is not a directory; choose a folder")
-        existing_parent = _nearest_existing(folder)
-        if not os.access(existing_parent, os.W_OK | os.X_OK):
-            raise ConfigError(f"writer.output_dir {folder} is not writable ({existing_parent} denies writing)")
-        entries = sorted(p.name for p in folder.iterdir()) if folder.exists() else []
-        if not entries:
-            return "new"
-        if self.overwrite:
-            foreign = sorted(set(entries) - set(self._own_files(entries)))
-            if foreign:
-                raise ConfigError(
-                    f"writer.overwrite would clear {folder}, but it holds files this tool did not write: "
-                    f"{foreign[:5]}; choose another writer.output_dir"
-                )
-            return "overwrite"
-        manifest = read_manifest(folder) if MANIFEST in entries else None
-        if manifest is None:
-            raise ConfigError(
-                f"writer.output_dir {folder} is not empty and holds no export of this tool "
-                f"(found {entries[:5]}); choose an empty or new folder"
-            )
-        differences = settings_differences(manifest.get("settings", {}), settings)
-        if differences:
-            raise ConfigError(
-                f"writer.output_dir {folder} holds an export with different settings ({', '.join(differences)}); "
-                "use another writer.output_dir, or writer.overwrite: true to replace it"
-            )
-        if manifest.get("complete"):
-            return "complete"
-        if manifest.get("format_version") != FORMAT_VERSION:
-            raise ConfigError(
-                f"writer.output_dir {folder} holds an unfinished export in file format "
-                f"{manifest.get('format_version')}, this version writes format {FORMAT_VERSION}: its shards "
-                "cannot be mixed; use another writer.output_dir, or writer.overwrite: true to start afresh"
-            )
-        return "resume"
-
-    def _own_files(self, entries: list[str]) -> list[str]:
-        own = [n for n in entries if n in (MANIFEST, CONFIG, CARD, REPORT) or is_tmp_file(n)]
-        return own + [p.name for p in shard_files(self.output_dir)]
-
-    def _clean_output_dir(self, state: ExportState) -> None:
-        """On rank zero: delete this tool's files (overwrite) or leftover temporary files (resume)."""
-        folder = self.output_dir
-        entries = sorted(p.name for p in folder.iterdir()) if folder.exists() else []
-        if state == "overwrite":
-            for name in self._own_files(entries):
-                (folder / name).unlink(missing_ok=True)
-        else:
-            # Temporary files are shards a killed run never finished: the plan redoes their examples.
-            for name in entries:
-                if is_tmp_file(name):
-                    (folder / name).unlink(missing_ok=True)
-        folder.mkdir(parents=True, exist_ok=True)
+        """What ``output_dir`` holds (see ``outputdir.inspect_output_dir``)."""
+        return inspect_output_dir(self.output_dir, settings, self.overwrite)
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -377,7 +305,7 @@ class ParquetShardWriter(BasePredictionWriter):
         state = self.inspect_output_dir(self.settings)
         trainer.strategy.barrier("actlightning-inspected")
         if trainer.is_global_zero:
-            self._clean_output_dir(state)
+            clean_output_dir(self.output_dir, state)
         trainer.strategy.barrier("actlightning-cleaned")
         existing = [ShardInfo.read(p) for p in shard_files(self.output_dir)] if state in ("resume", "complete") else []
         self._known = {info.file: info for info in existing}
