@@ -6,12 +6,14 @@ import logging
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pyarrow as pa
 import torch
 from datasets import Dataset, DatasetDict, load_dataset, load_dataset_builder, load_from_disk
 from datasets.exceptions import DatasetGenerationError
+from lightning.fabric.utilities.data import AttributeDict
 from lightning.pytorch import LightningDataModule, Trainer
 from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
@@ -65,6 +67,13 @@ class _PlanDataset(TorchDataset):
 
     def __getitem__(self, index: int) -> PlannedBatch:
         return self.planned[index]
+
+
+def _callable_name(function: Callable | None) -> str | None:
+    """``module.qualname`` of a filter callable (how the manifest records it)."""
+    if function is None:
+        return None
+    return f"{function.__module__}.{getattr(function, '__qualname__', function)}"
 
 
 def batch_size_search_applies(device: torch.device) -> bool:
@@ -187,34 +196,9 @@ class ActivationDataModule(LightningDataModule):
                 auto_find_batch_size=auto_find_batch_size,
                 num_workers=num_workers,
             )
-        self.path = path
-        self.input_column = input_column
-        self.name = name
-        self.split = split
-        self.data_files = data_files
-        self.revision = revision
+        # Every setting is kept in self.hparams (Lightning's record of the init arguments).
+        self.save_hyperparameters()
         self.label_columns = list(label_columns or [])
-        self.filter = filter
-        self.dedupe = dedupe
-        self.drop_prefixes = drop_prefixes
-        self.min_tokens = min_tokens
-        self.max_tokens_per_sequence = max_tokens_per_sequence
-        self.shuffle_seed = shuffle_seed
-        self.limit = limit
-        self.batch_size = batch_size
-        self.max_tokens = max_tokens
-        self.max_length = max_length
-        self.sort_by_length = sort_by_length
-        self.sort_reversed = sort_reversed
-        self.bucket_size = bucket_size
-        self.batch_order_seed = batch_order_seed
-        self.auto_find_batch_size = auto_find_batch_size
-        self.padding_side = padding_side
-        self.num_workers = num_workers
-        self.num_proc = num_proc
-        self.streaming = streaming
-        self.tokenizer_name = tokenizer
-        self.tokenizer_revision = tokenizer_revision
         for label in self.label_columns:
             if is_reserved_column(label):
                 raise ConfigError(
@@ -240,27 +224,39 @@ class ActivationDataModule(LightningDataModule):
         self._streaming_ready = False
         self._pretokenized = False
 
+    @property
+    def hparams(self) -> AttributeDict:
+        """The settings (Lightning's record of the init arguments), attribute access typed."""
+        return cast(AttributeDict, super().hparams)
+
     def load(self) -> Dataset:
         """The split to export, as a ``datasets.Dataset``; a wrong path, name or split is a ConfigError."""
-        if _is_saved_dataset(self.path):
-            loaded = load_from_disk(self.path)
+        if _is_saved_dataset(self.hparams.path):
+            loaded = load_from_disk(self.hparams.path)
             if isinstance(loaded, DatasetDict):
-                if self.split not in loaded:
+                if self.hparams.split not in loaded:
                     raise ConfigError(
-                        f"data.split {self.split!r} is not in {self.path}; its splits are {sorted(loaded)}"
+                        f"data.split {self.hparams.split!r} is not in {self.hparams.path}; "
+                        f"its splits are {sorted(loaded)}"
                     )
-                loaded = loaded[self.split]
+                loaded = loaded[self.hparams.split]
             return loaded
         try:
-            builder = load_dataset_builder(self.path, self.name, data_files=self.data_files, revision=self.revision)
+            builder = load_dataset_builder(
+                self.hparams.path, self.hparams.name, data_files=self.hparams.data_files, revision=self.hparams.revision
+            )
         except (FileNotFoundError, OSError, ValueError) as error:
             raise ConfigError(f"{self._source()} could not be loaded: {first_line(error)}") from None
         splits = builder.info.splits
-        if splits and self.split not in splits and "[" not in self.split:
-            raise ConfigError(f"data.split {self.split!r} does not exist; the splits are {sorted(splits)}")
+        if splits and self.hparams.split not in splits and "[" not in self.hparams.split:
+            raise ConfigError(f"data.split {self.hparams.split!r} does not exist; the splits are {sorted(splits)}")
         try:
             return load_dataset(
-                self.path, self.name, split=self.split, data_files=self.data_files, revision=self.revision
+                self.hparams.path,
+                self.hparams.name,
+                split=self.hparams.split,
+                data_files=self.hparams.data_files,
+                revision=self.hparams.revision,
             )
         except Exception as error:  # any failure to read the data is reported as one line
             cause = error.__cause__ if isinstance(error, DatasetGenerationError) and error.__cause__ else error
@@ -268,18 +264,21 @@ class ActivationDataModule(LightningDataModule):
             if text.startswith("Unknown split"):
                 # The builder knows its splits only once it has read the data: the same error, later.
                 splits = text.split("Should be one of", 1)[-1].strip(" .")
-                raise ConfigError(f"data.split {self.split!r} does not exist; the splits are {splits}") from None
+                raise ConfigError(
+                    f"data.split {self.hparams.split!r} does not exist; the splits are {splits}"
+                ) from None
             if "corresponds to no data" in text or isinstance(cause, StopIteration):
                 raise ConfigError(
-                    f"data.split {self.split!r} of data.path {self.path!r} is empty: there is nothing to export"
+                    f"data.split {self.hparams.split!r} of data.path {self.hparams.path!r} is empty: "
+                    "there is nothing to export"
                 ) from None
             raise ConfigError(f"{self._source()} could not be read: {type(cause).__name__}: {text}") from None
 
     def _source(self) -> str:
         """``data.path 'x' (data.name 'y', ...)`` naming only the settings that are set."""
-        given = [(k, getattr(self, k)) for k in ("name", "data_files", "revision") if getattr(self, k) is not None]
-        given.append(("split", self.split))
-        return f"data.path {self.path!r} ({', '.join(f'data.{k} {v!r}' for k, v in given)})"
+        given = [(k, self.hparams[k]) for k in ("name", "data_files", "revision") if self.hparams[k] is not None]
+        given.append(("split", self.hparams.split))
+        return f"data.path {self.hparams.path!r} ({', '.join(f'data.{k} {v!r}' for k, v in given)})"
 
     def _tokenizer(self):
         from actlightning.loading import load_pretrained
@@ -287,8 +286,8 @@ class ActivationDataModule(LightningDataModule):
         tokenizer = load_pretrained(
             AutoTokenizer.from_pretrained,
             "model.checkpoint (its tokenizer)",
-            self.tokenizer_name,
-            revision=self.tokenizer_revision,
+            self.hparams.tokenizer,
+            revision=self.hparams.tokenizer_revision,
         )
         if tokenizer.pad_token_id is not None:
             self.pad_id = tokenizer.pad_token_id
@@ -301,28 +300,28 @@ class ActivationDataModule(LightningDataModule):
     def prepare_data(self) -> None:
         """Tokenize the split once, into ``datasets``' on-disk cache (Lightning runs this once per node;
         every rank's ``setup``, every rerun and every resume then read the cache)."""
-        if self.streaming:
+        if self.hparams.streaming:
             return
-        if self.tokenizer_name is None:
+        if self.hparams.tokenizer is None:
             raise ConfigError("data.tokenizer is unset; the CLI links it to model.checkpoint")
         dataset = self.load()
         self._check_columns(dataset)
         if not self._pretokenized:
-            tokenize_dataset(dataset, self.input_column, self._tokenizer(), self.num_proc)
+            tokenize_dataset(dataset, self.hparams.input_column, self._tokenizer(), self.hparams.num_proc)
 
     def _tokens(self, dataset: Dataset) -> tuple[object, np.ndarray]:
         """Every loaded row's tokens (a memory-mapped Arrow column) and token counts."""
         if self._pretokenized:
-            return token_column_of_pretokenized(dataset, self.input_column)
-        tokenized = tokenize_dataset(dataset, self.input_column, self._tokenizer(), self.num_proc)
+            return token_column_of_pretokenized(dataset, self.hparams.input_column)
+        tokenized = tokenize_dataset(dataset, self.hparams.input_column, self._tokenizer(), self.hparams.num_proc)
         return tokenized.data.column(TOKENS), tokenized.data.column(LENGTH).to_numpy().astype(np.int64)
 
     def setup(self, stage: str) -> None:
         if self.store is not None or self._streaming_ready:
             return
-        if self.tokenizer_name is None:
+        if self.hparams.tokenizer is None:
             raise ConfigError("data.tokenizer is unset; the CLI links it to model.checkpoint")
-        if self.streaming:
+        if self.hparams.streaming:
             self._setup_stream()
             return
         dataset = self.load()
@@ -331,16 +330,18 @@ class ActivationDataModule(LightningDataModule):
             dataset = dataset.flatten_indices()
         self.stats["loaded"] = len(dataset)
         if len(dataset) == 0:
-            raise ConfigError(f"data.split {self.split!r} of {self.path!r} is empty: there is nothing to export")
+            raise ConfigError(
+                f"data.split {self.hparams.split!r} of {self.hparams.path!r} is empty: there is nothing to export"
+            )
         ids = np.arange(len(dataset))
-        if self.filter is not None:
-            keep = np.fromiter((bool(self.filter(row)) for row in dataset), dtype=bool, count=len(dataset))
+        if self.hparams.filter is not None:
+            keep = np.fromiter((bool(self.hparams.filter(row)) for row in dataset), dtype=bool, count=len(dataset))
             self._count_removed("filter", ids[keep], len(ids))
             ids = ids[keep]
-        text = dataset.data.column(self.input_column)
+        text = dataset.data.column(self.hparams.input_column)
         for step, enabled, select in [
-            ("dedupe", self.dedupe, dedupe_rows),
-            ("drop_prefixes", self.drop_prefixes, drop_prefix_rows),
+            ("dedupe", self.hparams.dedupe, dedupe_rows),
+            ("drop_prefixes", self.hparams.drop_prefixes, drop_prefix_rows),
         ]:
             if enabled:
                 kept = select(text, ids)
@@ -351,12 +352,12 @@ class ActivationDataModule(LightningDataModule):
         kept = np.flatnonzero(store.lengths > 0)
         self._count_removed("empty", kept, len(store))
         store = store.select(kept)
-        if self.min_tokens is not None or self.max_tokens_per_sequence is not None:
-            kept = length_range(store.lengths, self.min_tokens, self.max_tokens_per_sequence)
+        if self.hparams.min_tokens is not None or self.hparams.max_tokens_per_sequence is not None:
+            kept = length_range(store.lengths, self.hparams.min_tokens, self.hparams.max_tokens_per_sequence)
             self._count_removed("token_range", kept, len(store))
             store = store.select(kept)
-        if self.shuffle_seed is not None or self.limit is not None:
-            kept = shuffle_and_limit(len(store), self.shuffle_seed, self.limit)
+        if self.hparams.shuffle_seed is not None or self.hparams.limit is not None:
+            kept = shuffle_and_limit(len(store), self.hparams.shuffle_seed, self.hparams.limit)
             self._count_removed("limit", kept, len(store))
             store = store.select(kept)
         max_length = self._max_length()
@@ -374,7 +375,7 @@ class ActivationDataModule(LightningDataModule):
         self.stats["tokens"] = int(store.lengths.sum())
         log.info(
             "dataset %s: %d rows loaded, %d selected (%d tokens); removed by each step: %s; %d truncated to %s tokens",
-            self.path,
+            self.hparams.path,
             len(dataset),
             len(store),
             self.stats["tokens"],
@@ -386,21 +387,21 @@ class ActivationDataModule(LightningDataModule):
     def _max_length(self) -> int | None:
         """``data.max_length``, checked against the model's context; unset: the context size."""
         context = self._model_context()
-        if self.max_length is not None and context is not None and self.max_length > context:
+        if self.hparams.max_length is not None and context is not None and self.hparams.max_length > context:
             raise ConfigError(
-                f"data.max_length is {self.max_length}, above the model's context size {context}; "
+                f"data.max_length is {self.hparams.max_length}, above the model's context size {context}; "
                 f"use at most {context}, or leave it unset to truncate at the context size"
             )
-        return self.max_length if self.max_length is not None else context
+        return self.hparams.max_length if self.hparams.max_length is not None else context
 
     def _check_columns(self, dataset: Dataset) -> None:
-        missing = [c for c in [self.input_column, *self.label_columns] if c not in dataset.column_names]
+        missing = [c for c in [self.hparams.input_column, *self.label_columns] if c not in dataset.column_names]
         if missing:
             raise ConfigError(
                 f"column(s) {missing} not in the dataset; its columns are {dataset.column_names} "
                 "(check data.input_column and data.label_columns)"
             )
-        self._set_input_kind(dataset.data.schema.field(self.input_column).type)
+        self._set_input_kind(dataset.data.schema.field(self.hparams.input_column).type)
 
     def _set_input_kind(self, arrow_type: pa.DataType) -> None:
         self._pretokenized = (
@@ -408,7 +409,7 @@ class ActivationDataModule(LightningDataModule):
         ) and pa.types.is_integer(arrow_type.value_type)
         if not (self._pretokenized or pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type)):
             raise ConfigError(
-                f"data.input_column {self.input_column!r} holds {arrow_type}; it must hold text, "
+                f"data.input_column {self.hparams.input_column!r} holds {arrow_type}; it must hold text, "
                 "or lists of token ids (a pre-tokenized input_ids column)"
             )
 
@@ -419,28 +420,26 @@ class ActivationDataModule(LightningDataModule):
     def export_settings(self) -> dict:
         """Settings that decide which examples an export holds, their tokens and their grouping."""
         return {
-            "path": self.path,
-            "name": self.name,
-            "split": self.split,
-            "data_files": self.data_files,
-            "revision": self.revision,
-            "input_column": self.input_column,
+            "path": self.hparams.path,
+            "name": self.hparams.name,
+            "split": self.hparams.split,
+            "data_files": self.hparams.data_files,
+            "revision": self.hparams.revision,
+            "input_column": self.hparams.input_column,
             "label_columns": self.label_columns,
-            "filter": None
-            if self.filter is None
-            else f"{self.filter.__module__}.{getattr(self.filter, '__qualname__', self.filter)}",
-            "dedupe": self.dedupe,
-            "drop_prefixes": self.drop_prefixes,
-            "min_tokens": self.min_tokens,
-            "max_tokens_per_sequence": self.max_tokens_per_sequence,
-            "shuffle_seed": self.shuffle_seed,
-            "limit": self.limit,
-            "max_length": self.max_length,
-            "sort_by_length": self.sort_by_length,
-            "sort_reversed": self.sort_reversed,
-            "bucket_size": self.bucket_size,
-            "batch_order_seed": self.batch_order_seed,
-            "streaming": self.streaming,
+            "filter": _callable_name(self.hparams.filter),
+            "dedupe": self.hparams.dedupe,
+            "drop_prefixes": self.hparams.drop_prefixes,
+            "min_tokens": self.hparams.min_tokens,
+            "max_tokens_per_sequence": self.hparams.max_tokens_per_sequence,
+            "shuffle_seed": self.hparams.shuffle_seed,
+            "limit": self.hparams.limit,
+            "max_length": self.hparams.max_length,
+            "sort_by_length": self.hparams.sort_by_length,
+            "sort_reversed": self.hparams.sort_reversed,
+            "bucket_size": self.hparams.bucket_size,
+            "batch_order_seed": self.hparams.batch_order_seed,
+            "streaming": self.hparams.streaming,
         }
 
     def configure_sharding(
@@ -467,12 +466,12 @@ class ActivationDataModule(LightningDataModule):
         lengths = store.lengths
         batches = plan_batches(
             lengths,
-            self.batch_size,
-            self.max_tokens,
-            self.sort_by_length,
-            self.sort_reversed,
-            self.bucket_size,
-            self.batch_order_seed,
+            self.hparams.batch_size,
+            self.hparams.max_tokens,
+            self.hparams.sort_by_length,
+            self.hparams.sort_reversed,
+            self.hparams.bucket_size,
+            self.hparams.batch_order_seed,
         )
         shards = group_shards(batches, self.batches_per_shard, self.max_shards)
         self.stats["padding_efficiency"] = round(padding_efficiency([b for s in shards for b in s], lengths), 4)
@@ -510,14 +509,16 @@ class ActivationDataModule(LightningDataModule):
         if self.probe is None:
             raise ConfigError("data.auto_find_batch_size needs the model's probe (the CLI sets data.probe)")
         store = self._store()
-        budget_mode = self.max_tokens is not None
-        found = search_batch_size(store, self.batch_size, self.max_tokens, self.probe, self.pad_id, self.padding_side)
+        budget_mode = self.hparams.max_tokens is not None
+        found = search_batch_size(
+            store, self.hparams.batch_size, self.hparams.max_tokens, self.probe, self.pad_id, self.hparams.padding_side
+        )
         # Every rank must plan the same batches: take the smallest size any rank found.
         found = int(trainer.strategy.all_gather(torch.tensor(found, device=device)).min())
         if budget_mode:
-            self.max_tokens = found
+            self.hparams.max_tokens = found
         else:
-            self.batch_size = found
+            self.hparams.batch_size = found
         log.info("data.auto_find_batch_size: using %s=%d", "max_tokens" if budget_mode else "batch_size", found)
         self.stats["batch_size" if not budget_mode else "max_tokens"] = found
 
@@ -528,9 +529,9 @@ class ActivationDataModule(LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         trainer = self.trainer
-        if self.streaming:
+        if self.hparams.streaming:
             return self._stream_dataloader()
-        if self.auto_find_batch_size and trainer is not None:
+        if self.hparams.auto_find_batch_size and trainer is not None:
             self._search_batch_size(trainer)
         shards, shard_ids = self.plan()
         rank, world_size = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
@@ -551,13 +552,13 @@ class ActivationDataModule(LightningDataModule):
             _PlanDataset(planned),
             batch_size=None,
             shuffle=False,
-            num_workers=self.num_workers,
-            collate_fn=partial(collate, store, pad_id=self.pad_id, padding_side=self.padding_side),
+            num_workers=self.hparams.num_workers,
+            collate_fn=partial(collate, store, pad_id=self.pad_id, padding_side=self.hparams.padding_side),
         )
 
     def summary(self) -> dict:
         """Selection and batching numbers for the manifest."""
-        if self.streaming and self.stream_counts is not None:
+        if self.hparams.streaming and self.stream_counts is not None:
             counts = self.stream_counts
             self.removed = dict(counts.removed)
             self.stats.update(
@@ -572,11 +573,11 @@ class ActivationDataModule(LightningDataModule):
     def _setup_stream(self) -> None:
         try:
             stream = load_dataset(
-                self.path,
-                self.name,
-                split=self.split,
-                data_files=self.data_files,
-                revision=self.revision,
+                self.hparams.path,
+                self.hparams.name,
+                split=self.hparams.split,
+                data_files=self.hparams.data_files,
+                revision=self.hparams.revision,
                 streaming=True,
             )
         except (FileNotFoundError, OSError, ValueError) as error:
@@ -584,13 +585,13 @@ class ActivationDataModule(LightningDataModule):
         if stream.features is None:
             stream = stream._resolve_features()
         features = stream.features
-        missing = [c for c in [self.input_column, *self.label_columns] if c not in features]
+        missing = [c for c in [self.hparams.input_column, *self.label_columns] if c not in features]
         if missing:
             raise ConfigError(
                 f"column(s) {missing} not in the dataset; its columns are {list(features)} "
                 "(check data.input_column and data.label_columns)"
             )
-        arrow_type = features.arrow_schema.field(self.input_column).type
+        arrow_type = features.arrow_schema.field(self.hparams.input_column).type
         self._set_input_kind(arrow_type)
         self._stream = stream
         self.label_features = {c: features[c] for c in self.label_columns}
@@ -604,7 +605,7 @@ class ActivationDataModule(LightningDataModule):
 
         self.stream_counts = StreamCounts()
         self._streaming_ready = True
-        log.info("dataset %s: streaming (examples and tokens are counted as they arrive)", self.path)
+        log.info("dataset %s: streaming (examples and tokens are counted as they arrive)", self.hparams.path)
 
     def stream_shards(self):
         """Every shard of the stream, in order (see ``actlightning.stream``); counts go to ``stream_counts``."""
@@ -617,22 +618,22 @@ class ActivationDataModule(LightningDataModule):
         )
         examples = selected_examples(
             iter(self._stream),
-            self.input_column,
+            self.hparams.input_column,
             self.label_columns,
             tokenize,
-            self.filter,
-            self.min_tokens,
-            self.max_tokens_per_sequence,
-            self.limit,
+            self.hparams.filter,
+            self.hparams.min_tokens,
+            self.hparams.max_tokens_per_sequence,
+            self.hparams.limit,
             self._max_length(),
             self.stream_counts,
         )
         return stream_shards(
             examples,
-            self.batch_size,
-            self.max_tokens,
-            self.bucket_size,
-            self.sort_reversed,
+            self.hparams.batch_size,
+            self.hparams.max_tokens,
+            self.hparams.bucket_size,
+            self.hparams.sort_reversed,
             self.batches_per_shard,
             self.max_shards,
             self._label_schema,
@@ -646,6 +647,6 @@ class ActivationDataModule(LightningDataModule):
         rank, world_size = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         self.stats["planned_tokens_this_rank"] = 0  # unknown: the progress bar shows no total
         batches = StreamingBatches(
-            self.stream_shards, self.taken_shard_indices, rank, world_size, self.pad_id, self.padding_side
+            self.stream_shards, self.taken_shard_indices, rank, world_size, self.pad_id, self.hparams.padding_side
         )
         return DataLoader(batches, batch_size=None, num_workers=0)

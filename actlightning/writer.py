@@ -207,7 +207,7 @@ class ParquetShardWriter(BasePredictionWriter):
         """
         datamodule.setup("predict")
         datamodule.configure_sharding(self.batches_per_shard, self.max_shards)
-        if getattr(datamodule, "streaming", False):
+        if datamodule.hparams.streaming:
             return self._plan_stream(pl_module)
         shards, _ = datamodule.plan()
         store = datamodule.store
