@@ -88,6 +88,23 @@ def read_rows(output_dir: Path) -> list[dict]:
     return sorted(rows, key=lambda r: r["example_id"])
 
 
+def read_token_rows(output_dir: Path) -> list[dict]:
+    """Every row of a token-layout export, in file order, vectors as float numpy ``[width]``."""
+    rows = []
+    for path in sorted(output_dir.glob("*.parquet")):
+        table = pq.read_table(path)
+        names = [name for name in table.column_names if name.startswith(("layer_", "hook_"))]
+        plain = table.drop_columns(names).to_pylist()
+        for name in names:
+            vectors, _ = column_vectors(table.column(name))
+            tensor = to_torch(vectors, stored_dtype(table.schema.field(name)))
+            values = (tensor.float() if tensor.dtype == torch.bfloat16 else tensor).numpy()
+            for row, vector in zip(plain, values, strict=True):
+                row[name] = vector
+        rows.extend(plain)
+    return rows
+
+
 class Reference:
     """The model's own forward pass on one unpadded sequence."""
 

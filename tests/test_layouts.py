@@ -14,24 +14,11 @@ from transformers import AutoModel
 
 from actlightning.capture import HiddenStateCapture, find_blocks
 from actlightning.reader import TokenVectors, iter_token_batches, open_export
-from tests.helpers import Reference, read_rows, run_export
+from tests.helpers import Reference, read_rows, read_token_rows, run_export
 
 
 def _texts(games_file):
     return [json.loads(line)["Transcript"] for line in games_file.read_text().splitlines()]
-
-
-def _token_rows(out):
-    rows = []
-    for path in sorted(out.glob("*.parquet")):
-        table = pq.read_table(path)
-        for i, row in enumerate(
-            table.drop_columns([c for c in table.column_names if c.startswith(("layer_", "hook_"))]).to_pylist()
-        ):
-            for name in (c for c in table.column_names if c.startswith(("layer_", "hook_"))):
-                row[name] = np.asarray(table.column(name)[i].values.to_numpy(zero_copy_only=False))
-            rows.append(row)
-    return rows
 
 
 @pytest.mark.parametrize("architecture", ["gpt2", "llama"])
@@ -47,7 +34,7 @@ def test_token_layout_rows_match_unpadded_forward(tmp_path, checkpoints, games_f
     assert features["layer_2"] == List(Value("float32"), length=32)
     reference, texts = Reference(checkpoints[architecture]), _texts(games_file)
     games = [json.loads(line) for line in games_file.read_text().splitlines()]
-    rows = _token_rows(out)
+    rows = read_token_rows(out)
     expected_count = sum(min(6, len(reference.tokens(t))) for t in texts)
     assert len(rows) == expected_count
     cache = {}
@@ -82,7 +69,7 @@ def test_token_shuffle_buffer_permutes_rows_deterministically(tmp_path, checkpoi
         **{"writer.shuffle_buffer": 2, "writer.shuffle_seed": 3, "writer.writer_threads": 2},
     )
     key = lambda r: (r["example_id"], r["position"])  # noqa: E731
-    plain, a, b = _token_rows(tmp_path / "plain"), _token_rows(tmp_path / "a"), _token_rows(tmp_path / "b")
+    plain, a, b = read_token_rows(tmp_path / "plain"), read_token_rows(tmp_path / "a"), read_token_rows(tmp_path / "b")
     assert [key(r) for r in a] != [key(r) for r in plain], "rows were shuffled"
     assert [key(r) for r in a] == [key(r) for r in b], "deterministic whatever the threads"
     assert sorted(map(key, a)) == sorted(map(key, plain)), "same rows"

@@ -11,7 +11,7 @@ from transformers import AutoConfig, AutoModel
 
 from actlightning.capture import HookPoint, blocks_needed
 from actlightning.module import ActivationModule, truncated_config
-from tests.helpers import Reference, read_rows, run_export
+from tests.helpers import Reference, read_rows, read_token_rows, run_export
 
 # Per architecture: a hook point inside block 1, and the final norm (outside the blocks).
 INSIDE = {"gpt2": "h.1.mlp", "llama": "layers.1.mlp", "qwen2": "layers.1.self_attn.o_proj"}
@@ -90,9 +90,7 @@ def test_truncated_export_equals_the_full_models_forward(tmp_path, checkpoints, 
                 np.testing.assert_allclose(row[f"layer_{index}"], expected[index], rtol=0, atol=1e-5)
             _assert_hook(row, column, captured)
     else:
-        from tests.test_layouts import _token_rows
-
-        rows = _token_rows(out)
+        rows = read_token_rows(out)
         cache = {}
         for row in rows:
             example = row["example_id"]

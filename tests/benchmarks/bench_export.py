@@ -115,10 +115,10 @@ def phase_floor(args) -> dict:
     batches = [collate(dm.store, b, dm.pad_id) for b in planned]
     device = torch.device(args.device)
     model = AutoModel.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
-    tokens = sum(int(b["lengths"].sum()) for b in batches)
+    tokens = sum(int(b.lengths.sum()) for b in batches)
     with torch.inference_mode():
         if device.type == "cuda":
-            model(input_ids=batches[0]["input_ids"].to(device), output_hidden_states=True)  # CUDA context, kernels
+            model(input_ids=batches[0].input_ids.to(device), output_hidden_states=True)  # CUDA context, kernels
             torch.cuda.synchronize()
         start = time.perf_counter()
         for batch in batches:

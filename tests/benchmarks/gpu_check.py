@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO))
 
 from actlightning.cli import ActLightningCLI  # noqa: E402
 from actlightning.demo import chess_games, save_checkpoint  # noqa: E402
-from tests.helpers import Reference, read_rows  # noqa: E402
+from tests.helpers import Reference, read_rows, read_token_rows  # noqa: E402
 
 # A dry run of the script's logic works on a machine without CUDA, too.
 ACCELERATOR = "gpu" if torch.cuda.is_available() else "cpu"
@@ -72,7 +72,7 @@ def fidelity(root: Path) -> dict:
             out = root / f"{arch}-{side}-{layout}"
             export(checkpoint, data, out, **{"data.padding_side": side, "writer.layout": layout})
             worst = 0.0
-            rows = read_rows(out) if layout == "sequence" else _token_rows(out)
+            rows = read_rows(out) if layout == "sequence" else read_token_rows(out)
             cache: dict[int, tuple[list[int], list[np.ndarray]]] = {}
             for row in rows:
                 example = row["example_id"]
@@ -107,26 +107,6 @@ def fidelity(root: Path) -> dict:
                     scale = max(scale, float(np.abs(want).max()))
         results[f"{arch}-bfloat16-max-abs-diff-vs-unpadded-bf16 (max |x| {scale:.1f})"] = worst
     return results
-
-
-def _token_rows(out: Path) -> list[dict]:
-    """Token-layout rows, vectors as float32 numpy."""
-    import pyarrow.parquet as pq
-
-    from actlightning.reader import column_vectors, stored_dtype, to_torch
-
-    rows = []
-    for path in sorted(out.glob("*.parquet")):
-        table = pq.read_table(path)
-        names = [n for n in table.column_names if n.startswith("layer_")]
-        plain = table.drop_columns(names).to_pylist()
-        for name in names:
-            vectors, _ = column_vectors(table.column(name))
-            values = to_torch(vectors, stored_dtype(table.schema.field(name))).float().numpy()
-            for row, vector in zip(plain, values, strict=True):
-                row[name] = vector
-        rows.extend(plain)
-    return rows
 
 
 def out_of_memory(root: Path) -> dict:
