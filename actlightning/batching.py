@@ -118,12 +118,20 @@ def pack_batches(
 ) -> list[np.ndarray]:
     """Consecutive runs of ``order`` as batches (``BatchPacker``). Greedy, so packing the remainder of a
     list from a batch boundary gives the same batches again."""
+    if batch_size <= 0:
+        raise ConfigError(f"data.batch_size must be a positive integer, got {batch_size}")
     if max_tokens is None:
-        return [order[b] for b in chunk_batches(len(order), batch_size)]
-    packer = BatchPacker(batch_size, max_tokens)
-    batches = [b for position in order if (b := packer.add(int(position), int(lengths[position]))) is not None]
-    last = packer.flush()
-    return batches if last is None else [*batches, last]
+        cuts = list(range(batch_size, len(order), batch_size))
+    else:
+        packer, cuts, seen = BatchPacker(batch_size, max_tokens), [], 0
+        for position in order:
+            closed = packer.add(int(position), int(lengths[position]))
+            if closed is not None:
+                seen += len(closed)
+                cuts.append(seen)
+    # Views into one array: a plan of a billion tokens keeps one copy of its positions, not one
+    # allocation per batch.
+    return np.split(np.asarray(order), cuts) if len(order) else []
 
 
 def plan_batches(
@@ -142,7 +150,8 @@ def plan_batches(
     it, ``sort_by_length`` orders everything by token count. ``batch_order_seed`` then permutes whole
     batches, so shards are not ordered by length.
     """
-    positions = np.arange(len(lengths))
+    # int32 positions while they fit: 4 bytes a selected row for the whole plan.
+    positions = np.arange(len(lengths), dtype=np.int32 if len(lengths) < 2**31 else np.int64)
     if bucket_size is not None:
         groups = []
         for start in range(0, len(positions), bucket_size):

@@ -314,7 +314,7 @@ class ActivationDataModule(LightningDataModule):
         if self._pretokenized:
             return token_column_of_pretokenized(dataset, self.hparams.input_column)
         tokenized = tokenize_dataset(dataset, self.hparams.input_column, self._tokenizer(), self.hparams.num_proc)
-        return tokenized.data.column(TOKENS), tokenized.data.column(LENGTH).to_numpy().astype(np.int64)
+        return tokenized.data.column(TOKENS), tokenized.data.column(LENGTH).to_numpy()
 
     def setup(self, stage: str) -> None:
         if self.store is not None or self._streaming_ready:
@@ -351,18 +351,20 @@ class ActivationDataModule(LightningDataModule):
         store = TokenTable(tokens, ids, lengths[ids])
         kept = np.flatnonzero(store.lengths > 0)
         self._count_removed("empty", kept, len(store))
-        store = store.select(kept)
+        store = store.select(kept) if len(kept) < len(store) else store
         if self.hparams.min_tokens is not None or self.hparams.max_tokens_per_sequence is not None:
             kept = length_range(store.lengths, self.hparams.min_tokens, self.hparams.max_tokens_per_sequence)
             self._count_removed("token_range", kept, len(store))
-            store = store.select(kept)
+            store = store.select(kept) if len(kept) < len(store) else store
         if self.hparams.shuffle_seed is not None or self.hparams.limit is not None:
             kept = shuffle_and_limit(len(store), self.hparams.shuffle_seed, self.hparams.limit)
             self._count_removed("limit", kept, len(store))
             store = store.select(kept)
         max_length = self._max_length()
         self.stats["truncated"] = int((store.lengths > max_length).sum()) if max_length else 0
-        store = store.select(np.arange(len(store)), max_length=max_length)
+        if max_length is not None:
+            # In place: the store owns its lengths (a selection made them), and a copy would double them.
+            np.minimum(store.lengths, max_length, out=store.lengths)
         if len(store) == 0:
             raise ConfigError(
                 f"no examples left to export: {len(dataset)} rows loaded, removed by each step: {self.removed}; "

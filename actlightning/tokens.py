@@ -37,8 +37,8 @@ class TokenTable:
     """Selected sequences whose tokens stay in a memory-mapped Arrow column.
 
     ``ids`` holds the token lists of every loaded row; ``rows`` the loaded-row index of each selected
-    sequence (its ``example_id``) and ``lengths`` its token count after truncation. Per selected row
-    that is 16 bytes in RAM, whatever the sequence lengths.
+    sequence (its ``example_id``, int64) and ``lengths`` its token count after truncation (int32). Per
+    selected row that is 12 bytes in RAM, whatever the sequence lengths.
     """
 
     ids: pa.ChunkedArray
@@ -124,7 +124,7 @@ def tokenize_dataset(dataset, input_column: str, tokenizer: object, num_proc: in
 def token_column_of_pretokenized(dataset, input_column: str) -> tuple[pa.ChunkedArray, np.ndarray]:
     """A pre-tokenized input column (lists of token ids) and its lengths, without Python lists."""
     column = dataset.data.column(input_column)
-    lengths = pc.fill_null(pc.list_value_length(column), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+    lengths = pc.fill_null(pc.list_value_length(column), 0).to_numpy(zero_copy_only=False).astype(np.int32)
     return column, lengths
 
 
