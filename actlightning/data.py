@@ -585,6 +585,7 @@ class ActivationDataModule(LightningDataModule):
         except (FileNotFoundError, OSError, ValueError) as error:
             raise ConfigError(f"{self._source()} could not be streamed: {first_line(error)}") from None
         if stream.features is None:
+            # JSON/CSV streams know their columns only from their first rows (private, but the only way).
             stream = stream._resolve_features()
         features = stream.features
         missing = [c for c in [self.hparams.input_column, *self.label_columns] if c not in features]
@@ -603,8 +604,6 @@ class ActivationDataModule(LightningDataModule):
 
             self._label_schema = Features(self.label_features).arrow_schema
         self._stream_tokenizer = None if self._pretokenized else self._tokenizer()
-        from actlightning.stream import StreamCounts
-
         self.stream_counts = StreamCounts()
         self._streaming_ready = True
         log.info("dataset %s: streaming (examples and tokens are counted as they arrive)", self.hparams.path)

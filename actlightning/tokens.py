@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,6 +116,13 @@ def tokenize_dataset(dataset, input_column: str, tokenizer: object, num_proc: in
     cache_dir = Path(dataset.cache_files[0]["filename"]).parent if dataset.cache_files else None
     if cache_dir is None:
         return dataset.map(_tokenize_batch, **kwargs)
+    if not os.access(cache_dir, os.W_OK):
+        # A read-only dataset folder (a shared save_to_disk copy): the cache goes to datasets' own cache.
+        import datasets.config
+
+        cache_dir = Path(datasets.config.HF_DATASETS_CACHE) / "actlightning-tokens"
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        kwargs["cache_file_name"] = str(cache_dir / f"tokens-{key}.arrow")
     from filelock import FileLock
 
     with FileLock(str(cache_dir / f".actlightning-tokens-{key}.lock")):

@@ -207,3 +207,28 @@ def test_streaming_on_two_processes_exports_every_row_once(tmp_path, checkpoints
     assert {name.split("-rank")[1] for name in ddp} == {"00.parquet", "01.parquet"}
     by_index = lambda shards: {name.split("-rank")[0]: ids for name, ids in shards.items()}  # noqa: E731
     assert by_index(ddp) == by_index(_shard_contents(single))
+
+
+def test_read_only_dataset_folder_caches_tokens_in_the_datasets_cache(tmp_path, checkpoints, monkeypatch):
+    """A shared, read-only save_to_disk folder is left untouched (tests run as root, so the folder's
+    read-only state is simulated where the code checks it)."""
+    import datasets.config
+    from datasets import Dataset, load_from_disk
+    from transformers import AutoTokenizer
+
+    folder = tmp_path / "shared"
+    Dataset.from_dict({"text": ["e2e4", "d2d4 d7d5", ""]}).save_to_disk(folder)
+    before = sorted(p.name for p in folder.iterdir())
+    real_access = os.access
+    monkeypatch.setattr(
+        actlightning.tokens.os,
+        "access",
+        lambda p, mode: False if str(p).startswith(str(folder)) else real_access(p, mode),
+    )
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
+    tokens = actlightning.tokens.tokenize_dataset(
+        load_from_disk(folder), "text", AutoTokenizer.from_pretrained(checkpoints["gpt2"])
+    )
+    assert tokens["length"] == [4, 9, 0]
+    assert sorted(p.name for p in folder.iterdir()) == before
+    assert all(str(tmp_path / "hf-cache") in f["filename"] for f in tokens.cache_files)
