@@ -134,6 +134,7 @@ def test_dataset_card_describes_and_loads_the_export(tmp_path, checkpoints, game
     assert card.startswith("---\nconfigs:")
     assert str(checkpoints["llama"]) in card and "`[2]`" in card and "bfloat16" in card
     assert "`layer_2`" in card and "`example_id`" in card
+    assert "`None`" not in card and "pypi.org" not in card, "unset settings and foreign links are left out"
     line = next(text for text in card.splitlines() if text.startswith("ds = load_dataset("))
     namespace = {"load_dataset": load_dataset}
     exec(line, namespace)  # the card's own loading line works
