@@ -10,6 +10,7 @@ import sys
 import time
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -103,17 +104,23 @@ def test_streaming_and_cached_exports_equal_the_in_memory_plan(tmp_path, checkpo
     assert manifest["data"]["removed"].get("limit", 0) == 0 and manifest["data"]["selected"] == 35
 
 
-def test_stream_shards_cut_windows_like_the_bucketed_plan():
+@pytest.mark.parametrize(("bucket_size", "budget"), [(10, 90), (None, 90), (None, None), (7, None)])
+def test_stream_shards_cut_windows_like_the_plan(bucket_size, budget):
+    """Without bucket_size a token-budget batch may span two windows: it must still match the plan."""
     from actlightning.batching import group_shards, plan_batches
 
     rng = np.random.default_rng(0)
     lengths = rng.integers(1, 40, size=53)
-    examples = ((i, np.arange(n), {}) for i, n in enumerate(lengths))
-    shards = list(stream_shards(examples, 4, 90, 10, True, 3, None, None, StreamCounts()))
-    planned = group_shards(plan_batches(lengths, 4, 90, bucket_size=10, descending=True), 3)
+    examples = ((i, np.arange(n), {"row": i}) for i, n in enumerate(lengths))
+    labels = pa.schema([("row", pa.int64())])
+    shards = list(stream_shards(examples, 4, budget, bucket_size, True, 3, None, labels, StreamCounts()))
+    planned = group_shards(plan_batches(lengths, 4, budget, bucket_size=bucket_size, descending=True), 3)
     assert [index for index, _ in shards] == list(range(len(planned)))
     for (_, batches), expected in zip(shards, planned, strict=True):
         assert [b.store.example_ids[b.planned.positions].tolist() for b in batches] == [e.tolist() for e in expected]
+        for batch in batches:  # label rows travel with their examples, across windows too
+            rows = batch.labels.take(pa.array(batch.planned.positions)).column("row").to_pylist()
+            assert rows == batch.store.example_ids[batch.planned.positions].tolist()
 
 
 REFUSED = {
