@@ -37,12 +37,12 @@ from actlightning.filters import length_range, shuffle_and_limit
 from actlightning.schema import is_reserved_column
 from actlightning.stream import StreamCounts
 from actlightning.tokens import (
-    LENGTH,
     TOKENS,
     TokenTable,
     dedupe_rows,
     drop_prefix_rows,
     token_column_of_pretokenized,
+    token_lengths,
     tokenize_dataset,
 )
 
@@ -314,7 +314,7 @@ class ActivationDataModule(LightningDataModule):
         if self._pretokenized:
             return token_column_of_pretokenized(dataset, self.hparams.input_column)
         tokenized = tokenize_dataset(dataset, self.hparams.input_column, self._tokenizer(), self.hparams.num_proc)
-        return tokenized.data.column(TOKENS), tokenized.data.column(LENGTH).to_numpy()
+        return tokenized.data.column(TOKENS), token_lengths(tokenized)
 
     def setup(self, stage: str) -> None:
         if self.store is not None or self._streaming_ready:
@@ -333,7 +333,8 @@ class ActivationDataModule(LightningDataModule):
             raise ConfigError(
                 f"data.split {self.hparams.split!r} of {self.hparams.path!r} is empty: there is nothing to export"
             )
-        ids = np.arange(len(dataset))
+        # Example ids (rows of the loaded split) as int32 while they fit: 4 bytes a selected row.
+        ids = np.arange(len(dataset), dtype=np.int32 if len(dataset) < 2**31 else np.int64)
         if self.hparams.filter is not None:
             keep = np.fromiter((bool(self.hparams.filter(row)) for row in dataset), dtype=bool, count=len(dataset))
             self._count_removed("filter", ids[keep], len(ids))

@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 TOKENS, LENGTH = "input_ids", "length"
 # Rows handed to the tokenizer at a time: the fast tokenizer batches in Rust; memory stays flat.
 TOKENIZE_BATCH = 4096
+# Rows per record batch of the token cache.
+_CACHE_BATCH_ROWS = 65536
 # Rows of text read into Python at a time by the selection steps.
 _CHUNK_ROWS = 65536
 # Bumped when the cached columns change meaning.
@@ -105,6 +107,9 @@ def tokenize_dataset(dataset, input_column: str, tokenizer: object, num_proc: in
     kwargs = dict(
         batched=True,
         batch_size=TOKENIZE_BATCH,
+        # Few, large record batches: opening the memory-mapped cache touches every batch's header
+        # (and the pages around it), so 1,000-row batches would map tens of bytes a row into memory.
+        writer_batch_size=_CACHE_BATCH_ROWS,
         input_columns=[input_column],
         remove_columns=dataset.column_names,
         fn_kwargs={"tokenizer": tokenizer},
@@ -127,6 +132,26 @@ def tokenize_dataset(dataset, input_column: str, tokenizer: object, num_proc: in
 
     with FileLock(str(cache_dir / f".actlightning-tokens-{key}.lock")):
         return dataset.map(_tokenize_batch, **kwargs)
+
+
+def token_lengths(tokenized) -> np.ndarray:
+    """The ``length`` column of a tokenized split as int32, kept beside its cache file as ``.npy``.
+
+    Reading the column from the memory-mapped cache maps its neighbouring token pages into the
+    process too (tens of bytes a row of resident memory); the ``.npy`` copy costs 4 bytes a row.
+    """
+    if not tokenized.cache_files:
+        return tokenized.data.column(LENGTH).to_numpy().astype(np.int32)
+    cache = Path(tokenized.cache_files[0]["filename"])
+    path = cache.with_name(f"{cache.stem}.lengths.npy")
+    if path.exists():
+        return np.load(path)
+    lengths = tokenized.data.column(LENGTH).to_numpy().astype(np.int32)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as handle:
+        np.save(handle, lengths)
+    os.replace(tmp, path)
+    return lengths
 
 
 def token_column_of_pretokenized(dataset, input_column: str) -> tuple[pa.ChunkedArray, np.ndarray]:
