@@ -40,7 +40,9 @@ class TokenStore:
         return np.diff(self.offsets)
 
     @classmethod
-    def from_sequences(cls, sequences: Sequence[Sequence[int]], example_ids: Sequence[int] | None = None) -> TokenStore:
+    def from_sequences(
+        cls, sequences: Sequence[Sequence[int]] | Sequence[np.ndarray], example_ids: Sequence[int] | None = None
+    ) -> TokenStore:
         lengths = np.fromiter((len(s) for s in sequences), dtype=np.int64, count=len(sequences))
         offsets = np.zeros(len(sequences) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])

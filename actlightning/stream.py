@@ -12,6 +12,7 @@ own shards), so a resume, on any device count, redoes exactly the missing shards
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,21 +60,13 @@ def check_streaming_settings(
             raise ConfigError(f"{name} does not work with data.streaming: {why}")
 
 
-@dataclass
-class Window:
-    """Selected examples of one window: token ids, example ids and label rows, in stream order."""
-
-    tokens: list[np.ndarray] = field(default_factory=list)
-    example_ids: list[int] = field(default_factory=list)
-    labels: list[dict] = field(default_factory=list)
-
-    def __len__(self) -> int:
-        return len(self.example_ids)
+# (example_id, tokens, label row) of one selected example.
+Example = tuple[int, np.ndarray, dict]
 
 
 @dataclass
 class StreamBatch:
-    """One planned batch with the window it reads from."""
+    """One planned batch: its own store (positions ``0..n-1``) and its label rows, in batch order."""
 
     store: TokenStore
     labels: pa.Table | None
@@ -107,58 +100,54 @@ def selected_examples(
     limit: int | None,
     max_length: int | None,
     counts: StreamCounts,
-) -> Iterator[tuple[int, np.ndarray, dict]]:
-    """``(example_id, tokens, labels)`` of each selected row, in stream order.
+) -> Iterator[Example]:
+    """``(example_id, tokens, labels)`` of each selected row, in stream order, at most ``limit``.
 
     ``example_id`` is the row's index in the stream, as in the in-memory path (the index in the
-    loaded split). ``tokenize`` is None for a pre-tokenized input column.
+    loaded split). ``tokenize`` is None for a pre-tokenized input column. The stream is read no
+    further than the last selected row needs.
     """
-    pending: list[tuple[int, Any, dict]] = []
 
-    def flush() -> Iterator[tuple[int, np.ndarray, dict]]:
-        inputs = [value for _, value, _ in pending]
-        sequences = tokenize(inputs) if tokenize is not None else inputs
-        for (index, _, labels), ids in zip(pending, sequences, strict=True):
-            tokens = np.asarray(ids if ids is not None else [], dtype=np.int64)
-            if len(tokens) == 0:
-                counts.drop("empty")
+    def chunks() -> Iterator[list[tuple[int, Any, dict]]]:
+        pending: list[tuple[int, Any, dict]] = []
+        for index, row in enumerate(rows):
+            counts.loaded = index + 1
+            if keep is not None and not keep(row):
+                counts.drop("filter")
                 continue
-            if (min_tokens is not None and len(tokens) < min_tokens) or (
-                max_tokens_per_sequence is not None and len(tokens) > max_tokens_per_sequence
-            ):
-                counts.drop("token_range")
-                continue
-            if max_length is not None and len(tokens) > max_length:
-                counts.truncated += 1
-                tokens = tokens[:max_length]
-            yield index, tokens, labels
-        pending.clear()
+            value = row[input_column]
+            if value is None and tokenize is not None:
+                value = ""
+            pending.append((index, value, {c: row[c] for c in label_columns}))
+            if len(pending) >= _TOKENIZE_ROWS:
+                yield pending
+                pending = []
+        if pending:
+            yield pending
 
-    selected = 0
-    for index, row in enumerate(rows):
-        counts.loaded = index + 1
-        if keep is not None and not keep(row):
-            counts.drop("filter")
-            continue
-        value = row[input_column]
-        pending.append(
-            (index, "" if value is None and tokenize is not None else value, {c: row[c] for c in label_columns})
-        )
-        if len(pending) >= _TOKENIZE_ROWS:
-            for example in flush():
-                if limit is not None and selected >= limit:
-                    return
-                selected += 1
-                yield example
-    for example in flush():
-        if limit is not None and selected >= limit:
-            return
-        selected += 1
-        yield example
+    def selected() -> Iterator[Example]:
+        for chunk in chunks():
+            inputs = [value for _, value, _ in chunk]
+            sequences = tokenize(inputs) if tokenize is not None else inputs
+            for (index, _, labels), ids in zip(chunk, sequences, strict=True):
+                tokens = np.asarray(ids if ids is not None else [], dtype=np.int64)
+                if len(tokens) == 0:
+                    counts.drop("empty")
+                elif (min_tokens is not None and len(tokens) < min_tokens) or (
+                    max_tokens_per_sequence is not None and len(tokens) > max_tokens_per_sequence
+                ):
+                    counts.drop("token_range")
+                else:
+                    if max_length is not None and len(tokens) > max_length:
+                        counts.truncated += 1
+                        tokens = tokens[:max_length]
+                    yield index, tokens, labels
+
+    return itertools.islice(selected(), limit)
 
 
 def stream_shards(
-    examples: Iterable[tuple[int, np.ndarray, dict]],
+    examples: Iterable[Example],
     batch_size: int,
     max_tokens: int | None,
     bucket_size: int | None,
@@ -169,84 +158,71 @@ def stream_shards(
     counts: StreamCounts,
 ) -> Iterator[tuple[int, list[StreamBatch]]]:
     """``(shard_index, batches)`` of the whole stream, in order: windows of ``bucket_size`` selected
-    examples sorted by length (none without ``bucket_size``), packed greedily, grouped by shard."""
-    shard: list[tuple[TokenStore, pa.Table | None, np.ndarray]] = []
-    shard_index = 0
+    examples sorted by length (no sorting without ``bucket_size``), packed greedily as ``plan_batches``
+    packs (each bucket on its own), grouped by shard."""
 
-    def windows() -> Iterator[Window]:
-        window = Window()
-        for example_id, tokens, labels in examples:
-            window.tokens.append(tokens)
-            window.example_ids.append(example_id)
-            window.labels.append(labels)
-            # Without bucket_size there is no sorting: any window size packs the same batches.
-            if len(window) >= (bucket_size or batch_size):
-                yield window
-                window = Window()
-        if len(window):
-            yield window
+    def ordered() -> Iterator[tuple[Example | None, bool]]:
+        """Each example in packing order, then ``(None, True)`` where a bucket ends."""
+        window: list[Example] = []
+        for example in examples:
+            counts.selected += 1
+            counts.tokens += len(example[1])
+            if bucket_size is None:
+                yield example, False
+                continue
+            window.append(example)
+            if len(window) == bucket_size:
+                yield from _bucket(window)
+                window = []
+        if window:
+            yield from _bucket(window)
 
-    def batches() -> Iterator[tuple[TokenStore, pa.Table | None, np.ndarray]]:
+    def _bucket(window: list[Example]) -> Iterator[tuple[Example | None, bool]]:
+        order = length_order(np.array([len(tokens) for _, tokens, _ in window], dtype=np.int64), descending)
+        yield from ((window[i], False) for i in order)
+        yield None, True
+
+    def batches() -> Iterator[StreamBatch]:
         packer = BatchPacker(batch_size, max_tokens)
-        pending: list[tuple[TokenStore, pa.Table | None, int]] = []
-        for window in windows():
-            store = TokenStore.from_sequences(window.tokens, window.example_ids)  # type: ignore[arg-type]
-            labels = pa.Table.from_pylist(window.labels, schema=label_schema) if label_schema is not None else None
-            counts.selected += len(store)
-            counts.tokens += int(store.lengths.sum())
-            order = length_order(store.lengths, descending) if bucket_size is not None else np.arange(len(store))
-            if bucket_size is not None:
-                # A bucket is packed on its own, as plan_batches packs each bucket.
-                packer = BatchPacker(batch_size, max_tokens)
-            for position in order:
-                closed = packer.add(int(position), int(store.lengths[position]))
-                if closed is not None:
-                    yield from _emit(pending, closed)
-                pending.append((store, labels, int(position)))
-            if bucket_size is not None:
-                last = packer.flush()
-                if last is not None:
-                    yield from _emit(pending, last)
-        last = packer.flush()
-        if last is not None:
-            yield from _emit(pending, last)
+        pending: list[Example] = []
+        for example, bucket_end in ordered():
+            closed = packer.flush() if bucket_end else packer.add(len(pending), len(example[1]))  # type: ignore[index]
+            if closed is not None:
+                yield _batch(pending[: len(closed)], label_schema)
+                del pending[: len(closed)]
+            if example is not None:
+                pending.append(example)
+        if pending:
+            yield _batch(pending, label_schema)
 
-    for store, labels, positions in batches():
-        lengths = store.lengths[positions]
+    shard: list[StreamBatch] = []
+    shard_index = 0
+    for batch in batches():
+        lengths = batch.store.lengths
         counts.real_tokens += int(lengths.sum())
         counts.padded_tokens += int(lengths.max()) * len(lengths)
-        shard.append((store, labels, positions))
+        shard.append(batch)
         if len(shard) == batches_per_shard:
-            yield shard_index, _planned(shard, shard_index)
+            yield shard_index, _placed(shard, shard_index)
             shard, shard_index = [], shard_index + 1
             if max_shards is not None and shard_index >= max_shards:
                 return
     if shard and (max_shards is None or shard_index < max_shards):
-        yield shard_index, _planned(shard, shard_index)
+        yield shard_index, _placed(shard, shard_index)
 
 
-def _emit(pending: list, batch: np.ndarray) -> Iterator[tuple[TokenStore, pa.Table | None, np.ndarray]]:
-    """The closed batch ``batch`` (indexes into ``pending``, which it consumes) as one window's positions."""
-    items = pending[: len(batch)]
-    del pending[: len(batch)]
-    store, labels = items[0][0], items[0][1]
-    # A batch never spans two windows with bucket_size; without it, windows are cut at batch_size, and a
-    # budget-closed batch may span two: such a batch gets a store of its own.
-    if all(item[0] is store for item in items):
-        yield store, labels, np.asarray([item[2] for item in items], dtype=np.int64)
-        return
-    merged = TokenStore.from_sequences(
-        [item[0].sequence(int(item[2])) for item in items], [int(item[0].example_ids[item[2]]) for item in items]
-    )
-    tables = [item[1].slice(int(item[2]), 1) for item in items] if labels is not None else None
-    yield merged, pa.concat_tables(tables) if tables else None, np.arange(len(items))
+def _batch(items: list[Example], label_schema: pa.Schema | None) -> StreamBatch:
+    """One batch with a store of its own: its examples' tokens, ids and label rows, in batch order."""
+    store = TokenStore.from_sequences([tokens for _, tokens, _ in items], [i for i, _, _ in items])
+    labels = pa.Table.from_pylist([row for _, _, row in items], schema=label_schema) if label_schema else None
+    return StreamBatch(store, labels, PlannedBatch(np.arange(len(items)), -1, False))
 
 
-def _planned(shard: list, shard_index: int) -> list[StreamBatch]:
-    return [
-        StreamBatch(store, labels, PlannedBatch(positions, shard_index, i == len(shard) - 1))
-        for i, (store, labels, positions) in enumerate(shard)
-    ]
+def _placed(shard: list[StreamBatch], shard_index: int) -> list[StreamBatch]:
+    """The shard's batches with their place in it."""
+    for i, batch in enumerate(shard):
+        batch.planned = PlannedBatch(batch.planned.positions, shard_index, i == len(shard) - 1)
+    return shard
 
 
 class StreamingBatches(IterableDataset):
@@ -274,7 +250,4 @@ class StreamingBatches(IterableDataset):
             if not mine:
                 continue
             for batch in batches:
-                labels = None
-                if batch.labels is not None:
-                    labels = batch.labels.take(pa.array(batch.planned.positions, type=pa.int64()))
-                yield collate(batch.store, batch.planned, self.pad_id, self.padding_side, labels=labels)
+                yield collate(batch.store, batch.planned, self.pad_id, self.padding_side, labels=batch.labels)
