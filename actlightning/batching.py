@@ -50,23 +50,16 @@ class TokenStore:
         ids = np.arange(len(sequences)) if example_ids is None else np.asarray(example_ids, dtype=np.int64)
         return cls(values, offsets, ids)
 
-    def select(self, positions: np.ndarray, max_length: int | None = None) -> TokenStore:
-        """A new store holding ``positions`` in that order, each cut to its first ``max_length`` tokens."""
-        positions = np.asarray(positions, dtype=np.int64)
-        starts = self.offsets[positions]
-        lengths = self.offsets[positions + 1] - starts
-        if max_length is not None:
-            lengths = np.minimum(lengths, max_length)
-        offsets = np.zeros(len(positions) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=offsets[1:])
-        gather = np.repeat(starts - offsets[:-1], lengths) + np.arange(offsets[-1])
-        return TokenStore(self.values[gather], offsets, self.example_ids[positions])
-
     def sequence(self, position: int) -> np.ndarray:
         return self.values[self.offsets[position] : self.offsets[position + 1]]
 
     def sequences(self, positions: np.ndarray) -> list[np.ndarray]:
         return [self.sequence(int(p)) for p in positions]
+
+
+def index_dtype(count: int) -> type[np.integer]:
+    """int32 for positions or row indices below 2^31 (half the memory of int64), else int64."""
+    return np.int32 if count < 2**31 else np.int64
 
 
 def length_order(lengths: np.ndarray, descending: bool = False) -> np.ndarray:
@@ -152,8 +145,8 @@ def plan_batches(
     it, ``sort_by_length`` orders everything by token count. ``batch_order_seed`` then permutes whole
     batches, so shards are not ordered by length.
     """
-    # int32 positions while they fit: 4 bytes a selected row for the whole plan.
-    positions = np.arange(len(lengths), dtype=np.int32 if len(lengths) < 2**31 else np.int64)
+    # 4 bytes a selected row for the whole plan.
+    positions = np.arange(len(lengths), dtype=index_dtype(len(lengths)))
     if bucket_size is not None:
         groups = []
         for start in range(0, len(positions), bucket_size):

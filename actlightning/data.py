@@ -6,7 +6,7 @@ import logging
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 import pyarrow as pa
@@ -27,6 +27,7 @@ from actlightning.batching import (
     assign_shards,
     collate,
     group_shards,
+    index_dtype,
     padding_efficiency,
     plan_batches,
     rank_batches,
@@ -223,6 +224,7 @@ class ActivationDataModule(LightningDataModule):
         self.stream_counts: StreamCounts | None = None
         self._streaming_ready = False
         self._pretokenized = False
+        self._loaded_tokenizer: Any = None
 
     @property
     def hparams(self) -> AttributeDict:
@@ -281,6 +283,9 @@ class ActivationDataModule(LightningDataModule):
         return f"data.path {self.hparams.path!r} ({', '.join(f'data.{k} {v!r}' for k, v in given)})"
 
     def _tokenizer(self):
+        """The model's tokenizer, loaded once (prepare_data, setup and the stream all need it)."""
+        if self._loaded_tokenizer is not None:
+            return self._loaded_tokenizer
         from actlightning.loading import load_pretrained
 
         tokenizer = load_pretrained(
@@ -291,6 +296,7 @@ class ActivationDataModule(LightningDataModule):
         )
         if tokenizer.pad_token_id is not None:
             self.pad_id = tokenizer.pad_token_id
+        self._loaded_tokenizer = tokenizer
         return tokenizer
 
     def _count_removed(self, step: str, kept: np.ndarray, before: int) -> None:
@@ -300,8 +306,8 @@ class ActivationDataModule(LightningDataModule):
     def prepare_data(self) -> None:
         """Tokenize the split once, into ``datasets``' on-disk cache (Lightning runs this once per node;
         every rank's ``setup``, every rerun and every resume then read the cache)."""
-        if self.hparams.streaming:
-            return
+        if self.hparams.streaming or self.store is not None:
+            return  # nothing to cache, or already set up from the cache (the CLI plans before Lightning runs)
         if self.hparams.tokenizer is None:
             raise ConfigError("data.tokenizer is unset; the CLI links it to model.checkpoint")
         dataset = self.load()
@@ -333,8 +339,7 @@ class ActivationDataModule(LightningDataModule):
             raise ConfigError(
                 f"data.split {self.hparams.split!r} of {self.hparams.path!r} is empty: there is nothing to export"
             )
-        # Example ids (rows of the loaded split) as int32 while they fit: 4 bytes a selected row.
-        ids = np.arange(len(dataset), dtype=np.int32 if len(dataset) < 2**31 else np.int64)
+        ids = np.arange(len(dataset), dtype=index_dtype(len(dataset)))  # example ids: rows of the loaded split
         if self.hparams.filter is not None:
             keep = np.fromiter((bool(self.hparams.filter(row)) for row in dataset), dtype=bool, count=len(dataset))
             self._count_removed("filter", ids[keep], len(ids))

@@ -2,20 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
-
-
-def dedupe(inputs: Sequence[Hashable]) -> np.ndarray:
-    """Positions of the first occurrence of each distinct input, in input order."""
-    seen: set = set()
-    keep = []
-    for position, value in enumerate(inputs):
-        if value not in seen:
-            seen.add(value)
-            keep.append(position)
-    return np.asarray(keep, dtype=np.int64)
 
 
 def drop_prefixes(inputs: Sequence[str] | Sequence[tuple]) -> np.ndarray:

@@ -39,32 +39,25 @@ _CACHE_VERSION = "actlightning-tokens-1"
 class TokenTable:
     """Selected sequences whose tokens stay in a memory-mapped Arrow column.
 
-    ``ids`` holds the token lists of every loaded row; ``rows`` the loaded-row index of each selected
-    sequence (its ``example_id``, int64) and ``lengths`` its token count after truncation (int32). Per
-    selected row that is 12 bytes in RAM, whatever the sequence lengths.
+    ``ids`` holds the token lists of every loaded row; ``example_ids`` the loaded-row index of each
+    selected sequence and ``lengths`` its token count after truncation (both int32 while they fit).
+    Per selected row that is 8 bytes in RAM, whatever the sequence lengths.
     """
 
     ids: pa.ChunkedArray
-    rows: np.ndarray
+    example_ids: np.ndarray
     lengths: np.ndarray
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.example_ids)
 
-    @property
-    def example_ids(self) -> np.ndarray:
-        return self.rows
-
-    def select(self, positions: np.ndarray, max_length: int | None = None) -> TokenTable:
-        positions = np.asarray(positions, dtype=np.int64)
-        lengths = self.lengths[positions]
-        if max_length is not None:
-            lengths = np.minimum(lengths, max_length)
-        return TokenTable(self.ids, self.rows[positions], lengths)
+    def select(self, positions: np.ndarray) -> TokenTable:
+        """The sequences at ``positions``, in that order."""
+        return TokenTable(self.ids, self.example_ids[positions], self.lengths[positions])
 
     def sequences(self, positions: np.ndarray) -> list[np.ndarray]:
         """The (truncated) tokens of ``positions``, read from the memory-mapped column."""
-        taken = self.ids.take(pa.array(self.rows[positions], type=pa.int64())).combine_chunks()
+        taken = self.ids.take(pa.array(self.example_ids[positions], type=pa.int64())).combine_chunks()
         offsets = taken.offsets.to_numpy()
         values = taken.values.to_numpy(zero_copy_only=False)
         return [values[offsets[i] : offsets[i] + int(n)] for i, n in enumerate(self.lengths[positions])]

@@ -5,19 +5,28 @@ from __future__ import annotations
 import random
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from actlightning.batching import assign_shards, find_batch_size, pack_batches, padding_efficiency, plan_batches
-from actlightning.filters import dedupe, drop_prefixes, length_range, shuffle_and_limit
+from actlightning.filters import drop_prefixes, length_range, shuffle_and_limit
 
 
 def _brute_force_prefixes(inputs):
     return [i for i, s in enumerate(inputs) if not any(len(t) > len(s) and t.startswith(s) for t in inputs)]
 
 
+def _first_occurrences(inputs):
+    return [i for i, value in enumerate(inputs) if value not in inputs[:i]]
+
+
 def test_dedupe_keeps_first_occurrence_in_order():
+    from actlightning.tokens import dedupe_rows
+
     inputs = ["b", "a", "b", "", "é", "a", "", "é"]
-    assert dedupe(inputs).tolist() == [0, 1, 3, 4]
+    assert dedupe_rows(_arrow(inputs), np.arange(len(inputs))).tolist() == [0, 1, 3, 4]
+    tokens = pa.chunked_array([pa.array([[1, 2], [1], [1, 2], None, []], pa.list_(pa.int64()))])
+    assert dedupe_rows(tokens, np.arange(5)).tolist() == [0, 1, 3, 4], "token lists (and a null) too"
 
 
 @pytest.mark.parametrize(
@@ -44,7 +53,7 @@ def test_drop_prefixes_matches_brute_force_after_and_without_dedupe():
     for _ in range(300):
         inputs = ["".join(rng.choice("ab ") for _ in range(rng.randint(0, 5))) for _ in range(rng.randint(0, 12))]
         assert drop_prefixes(inputs).tolist() == _brute_force_prefixes(inputs)
-        unique = [inputs[i] for i in dedupe(inputs)]
+        unique = [inputs[i] for i in _first_occurrences(inputs)]
         assert drop_prefixes(unique).tolist() == _brute_force_prefixes(unique)
 
 
@@ -119,8 +128,6 @@ def test_find_batch_size_halves_until_it_fits():
 
 
 def _arrow(values):
-    import pyarrow as pa
-
     return pa.chunked_array([pa.array(values[:3], pa.string()), pa.array(values[3:], pa.string())])
 
 
@@ -135,7 +142,7 @@ def test_arrow_side_selection_matches_the_in_memory_functions(monkeypatch, chunk
         inputs = ["".join(rng.choice("abé ") for _ in range(rng.randint(0, 5))) for _ in range(rng.randint(3, 14))]
         column = _arrow(inputs)
         everything = np.arange(len(inputs))
-        assert tokens.dedupe_rows(column, everything).tolist() == dedupe(inputs).tolist()
+        assert tokens.dedupe_rows(column, everything).tolist() == _first_occurrences(inputs)
         assert tokens.drop_prefix_rows(column, everything).tolist() == _brute_force_prefixes(inputs)
         subset = np.asarray(sorted(rng.sample(range(len(inputs)), rng.randint(1, len(inputs)))))
         kept = tokens.drop_prefix_rows(column, subset).tolist()

@@ -53,11 +53,17 @@ def test_select_tokens_keeps_last_n_real_tokens(padding_side):
     assert rows == [0, 0, 1, 2, 2] and cols == expected_cols
 
 
-def test_token_store_select_truncates_and_reorders():
-    store = TokenStore.from_sequences([[1, 2, 3], [4], [5, 6]])
-    picked = store.select(np.array([2, 0]), max_length=2)
+def test_token_table_selects_reorders_and_reads_truncated_tokens():
+    import pyarrow as pa
+
+    from actlightning.tokens import TokenTable
+
+    column = pa.chunked_array([pa.array([[1, 2, 3], [4]]), pa.array([[5, 6]])])
+    table = TokenTable(column, np.array([0, 1, 2], dtype=np.int32), np.array([2, 1, 2], dtype=np.int32))
+    picked = table.select(np.array([2, 0]))
     assert picked.example_ids.tolist() == [2, 0]
-    assert [picked.sequence(i).tolist() for i in range(2)] == [[5, 6], [1, 2]]
+    assert [t.tolist() for t in picked.sequences(np.array([0, 1]))] == [[5, 6], [1, 2]], "cut to the lengths"
+    assert picked.sequence(1).tolist() == [1, 2]
 
 
 def test_length_order_is_stable_both_ways():
