@@ -201,56 +201,59 @@ class ParquetShardWriter(BasePredictionWriter):
         }
 
     def plan_export(self, pl_module: ActivationModule, datamodule: ActivationDataModule) -> dict:
-        """What the export will cost, from the loaded and filtered data (no forward pass).
+        """What the export will cost, from the loaded and filtered data (no forward pass); a streaming
+        export knows only its cost per token.
 
         Raises ``ConfigError`` when the estimate exceeds the free space (unless ``ignore_free_space``).
         """
         datamodule.setup("predict")
         datamodule.configure_sharding(self.batches_per_shard, self.max_shards)
-        if datamodule.hparams.streaming:
-            return self._plan_stream(pl_module)
-        shards, _ = datamodule.plan()
-        store = datamodule.store
-        assert store is not None and not isinstance(store, str), "setup() has run"
-        lengths = (
-            np.concatenate([store.lengths[b] for shard in shards for b in shard])
-            if shards
-            else np.zeros(0, dtype=np.int64)
-        )
-        exported = exported_tokens(lengths, pl_module.n_pos)
         widths = pl_module.estimated_widths()
         per_token = bytes_per_token(widths, pl_module.storage_dtype, self.layout)
-        estimate = int(exported.sum()) * per_token
-        existing = read_manifest(self.output_dir) if (self.output_dir / MANIFEST).exists() else None
-        already = existing["totals"]["bytes"] if existing and not self.overwrite else 0
         probe = nearest_existing(self.output_dir)
         free = shutil.disk_usage(probe).free
         plan: dict[str, Any] = {
-            "examples": int(len(lengths)),
-            "tokens": int(exported.sum()),
+            "examples": None,
+            "tokens": None,
             "columns": widths,
             "bytes_per_token": per_token,
-            "estimated_bytes": estimate,
-            "estimated_shards": len(shards),
-            "already_written_bytes": already,
+            "estimated_bytes": None,
+            "estimated_shards": None,
+            "already_written_bytes": 0,
             "free_bytes": free,
             "model": pl_module.load_plan(),
         }
         self.plan = plan
-        log.info(
-            "plan: %s, %s to export, %s (%s), %s per token as %s -> about %s in %s; %s already written; %s free at %s",
-            plural(plan["examples"], "example"),
-            plural(plan["tokens"], "token"),
-            plural(len(widths), "vector column"),
-            ", ".join(widths),
-            plural(per_token, "byte"),
-            pl_module.storage_dtype,
-            human_bytes(estimate),
-            plural(len(shards), "shard"),
-            human_bytes(already),
-            human_bytes(free),
-            probe,
+        columns = f"{plural(len(widths), 'vector column')} ({', '.join(widths)})"
+        if datamodule.hparams.streaming:
+            log.info(
+                "plan: streaming, so examples, tokens and size are counted as they come; %s, %s per token as %s "
+                "(%s per million tokens); %s free at %s",
+                columns, plural(per_token, "byte"), pl_module.storage_dtype, human_bytes(per_token * 1_000_000),
+                human_bytes(free), probe,
+            )  # fmt: skip
+            _log_loading(plan["model"])
+            return plan
+        shards, _ = datamodule.plan()
+        store = datamodule.store
+        assert store is not None, "setup() has run"
+        positions = np.concatenate([b for shard in shards for b in shard]) if shards else np.zeros(0, dtype=np.int64)
+        exported = exported_tokens(store.lengths[positions], pl_module.n_pos)
+        existing = read_manifest(self.output_dir) if (self.output_dir / MANIFEST).exists() else None
+        plan.update(
+            examples=len(positions),
+            tokens=int(exported.sum()),
+            estimated_bytes=int(exported.sum()) * per_token,
+            estimated_shards=len(shards),
+            already_written_bytes=existing["totals"]["bytes"] if existing and not self.overwrite else 0,
         )
+        estimate, already = plan["estimated_bytes"], plan["already_written_bytes"]
+        log.info(
+            "plan: %s, %s to export, %s, %s per token as %s -> about %s in %s; %s already written; %s free at %s",
+            plural(plan["examples"], "example"), plural(plan["tokens"], "token"), columns, plural(per_token, "byte"),
+            pl_module.storage_dtype, human_bytes(estimate), plural(len(shards), "shard"), human_bytes(already),
+            human_bytes(free), probe,
+        )  # fmt: skip
         _log_loading(plan["model"])
         if estimate - already > free and not self.ignore_free_space:
             raise ConfigError(
@@ -259,36 +262,6 @@ class ParquetShardWriter(BasePredictionWriter):
                 "or set writer.ignore_free_space: true"
             )
         return plan
-
-    def _plan_stream(self, pl_module: ActivationModule) -> dict:
-        """A streaming export's plan: what is known before the stream is read."""
-        widths = pl_module.estimated_widths()
-        per_token = bytes_per_token(widths, pl_module.storage_dtype, self.layout)
-        probe = nearest_existing(self.output_dir)
-        free = shutil.disk_usage(probe).free
-        self.plan = {
-            "examples": None,
-            "tokens": None,
-            "columns": widths,
-            "bytes_per_token": per_token,
-            "estimated_bytes": None,
-            "estimated_shards": None,
-            "free_bytes": free,
-            "model": pl_module.load_plan(),
-        }
-        log.info(
-            "plan: streaming, so examples, tokens and size are counted as they come; %s (%s), %s per token as %s "
-            "(%s per million tokens); %s free at %s",
-            plural(len(widths), "vector column"),
-            ", ".join(widths),
-            plural(per_token, "byte"),
-            pl_module.storage_dtype,
-            human_bytes(per_token * 1_000_000),
-            human_bytes(free),
-            probe,
-        )
-        _log_loading(self.plan["model"])
-        return self.plan
 
     def inspect_output_dir(self, settings: dict) -> ExportState:
         """What ``output_dir`` holds (see ``outputdir.inspect_output_dir``)."""

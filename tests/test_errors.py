@@ -94,6 +94,11 @@ CASES = {
         {"writer.compression": "lz4", "writer.compression_level": 3},
         message="writer.compression_level is set (3) but writer.compression is 'lz4'",
     ),
+    "level-out-of-range": _case(
+        {"writer.compression": "zstd", "writer.compression_level": 30},
+        message="writer.compression_level must be 1..22 for zstd, got 30",
+    ),
+    "num-proc-zero": _case({"data.num_proc": 0}, message="data.num_proc must be a positive integer or unset, got 0"),
     "unknown-vector-encoder": _case({"writer.vector_encoder": "fast"}, message='Parser key "writer.vector_encoder"'),
     "checkpoint-missing": _case(
         {"model.checkpoint": "/nonexistent/model"}, message="model.checkpoint '/nonexistent/model' is not a folder"

@@ -239,3 +239,29 @@ def test_read_only_dataset_folder_caches_tokens_in_the_datasets_cache(tmp_path, 
     assert tokens["length"] == [4, 9, 0]
     assert sorted(p.name for p in folder.iterdir()) == before
     assert all(str(tmp_path / "hf-cache") in f["filename"] for f in tokens.cache_files)
+
+
+def test_several_tokenizing_processes_give_the_same_cache(tmp_path, checkpoints, monkeypatch):
+    """data.num_proc splits the tokenizing map over processes; the cached tokens are the same."""
+    import datasets.config
+    from datasets import Dataset, load_from_disk
+    from transformers import AutoTokenizer
+
+    texts = _texts_list(60)
+    tokenizer = AutoTokenizer.from_pretrained(checkpoints["llama"])
+    results = {}
+    for num_proc in (None, 2):
+        folder = tmp_path / f"data-{num_proc}"
+        Dataset.from_dict({"text": texts}).save_to_disk(folder)
+        monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / f"cache-{num_proc}")
+        tokens = actlightning.tokens.tokenize_dataset(load_from_disk(folder), "text", tokenizer, num_proc=num_proc)
+        results[num_proc] = (tokens["input_ids"], tokens["length"], len(tokens.cache_files))
+    assert results[2][:2] == results[None][:2]
+    assert results[None][:2][0][0] == tokenizer(texts[0])["input_ids"]
+    assert results[2][2] == 2, "two processes wrote two cache shards"
+
+
+def _texts_list(count: int) -> list[str]:
+    from actlightning.demo import chess_games
+
+    return [game["Transcript"] for game in chess_games(count, seed=9, min_moves=1, max_moves=20)]
