@@ -139,51 +139,30 @@ def phase_export(args) -> dict:
     from actlightning.cli import ActLightningCLI
 
     out = Path(args.out)
-    cli_args = [
-        "predict",
-        "--model.checkpoint",
-        args.model_dir,
-        "--model.dtype",
-        "float32",
-        "--model.output_dtype",
-        args.output_dtype,
-        "--data.path",
-        "json",
-        "--data.data_files",
-        args.data,
-        "--data.input_column",
-        "Transcript",
-        "--data.batch_size",
-        str(args.batch_size),
-        "--writer.output_dir",
-        str(out),
-        "--writer.overwrite",
-        "true",
-        "--writer.batches_per_shard",
-        str(args.batches_per_shard),
-        "--writer.vector_encoder",
-        args.vector_encoder,
+    settings = {
+        "model.checkpoint": args.model_dir,
+        "model.dtype": "float32",
+        "model.output_dtype": args.output_dtype,
+        "data.path": "json",
+        "data.data_files": args.data,
+        "data.input_column": "Transcript",
+        "data.batch_size": args.batch_size,
+        "data.bucket_size": args.bucket_size or None,
+        "writer.output_dir": out,
+        "writer.overwrite": "true",
+        "writer.batches_per_shard": args.batches_per_shard,
+        "writer.vector_encoder": args.vector_encoder,
         # A comma list of thread counts is for the writer phase; the export uses the first.
-        "--writer.writer_threads",
-        str(args.writer_threads).split(",")[0],
-        "--writer.compression",
-        args.compression,
-        *(["--writer.compression_level", str(args.compression_level)] if args.compression_level else []),
-        "--trainer.accelerator",
-        "gpu" if args.device == "cuda" else "cpu",
-        "--trainer.devices",
-        "1",
-        "--trainer.enable_progress_bar",
-        "false",
-    ]
-    if args.bucket_size:
-        cli_args += ["--data.bucket_size", str(args.bucket_size)]
-    if args.layers != "all":
-        cli_args += ["--model.layers", f"[{args.layers}]"]
+        "writer.writer_threads": str(args.writer_threads).split(",")[0],
+        "writer.compression": args.compression,
+        "writer.compression_level": args.compression_level,
+        "model.layers": None if args.layers == "all" else f"[{args.layers}]",
+        "trainer.accelerator": "gpu" if args.device == "cuda" else "cpu",
+    }
     if args.mmap_threshold:
         _set_mmap_threshold(args.mmap_threshold)
     start = time.perf_counter()
-    ActLightningCLI(args=cli_args)
+    ActLightningCLI(args=_predict_args(settings))
     total = time.perf_counter() - start
     manifest = json.loads((out / "manifest.json").read_text())
     return {
@@ -311,6 +290,25 @@ def build_data_rows(workdir: Path, rows: int, seed: int = 0) -> Path:
     return path
 
 
+def _predict_args(settings: dict) -> list[str]:
+    """``predict --key value ...`` for the set ``settings`` (None: left at its default); CPU unless
+    said otherwise, no progress bar."""
+    settings = {"trainer.accelerator": "cpu", "trainer.enable_progress_bar": "false", **settings}
+    return ["predict", *(x for key, value in settings.items() if value is not None for x in (f"--{key}", str(value)))]
+
+
+def _parquet_data(args) -> dict:
+    """The data phases' settings: the benchmark model over ``args.data`` (a Parquet file or glob)."""
+    return {
+        "model.checkpoint": args.model_dir,
+        "data.path": "parquet",
+        "data.data_files": args.data,
+        "data.input_column": "Transcript",
+        "writer.output_dir": args.out,
+        "writer.overwrite": "true",
+    }
+
+
 def phase_tokenizer(args) -> dict:
     """The fast tokenizer alone, batches of 4,096 texts: the floor of the data side."""
     import pyarrow.parquet as pq
@@ -328,35 +326,14 @@ def phase_data(args) -> dict:
     """The data side of an export through the real CLI, up to the plan (``writer.dry_run``)."""
     from actlightning.cli import ActLightningCLI
 
-    cli_args = [
-        "predict",
-        "--model.checkpoint",
-        args.model_dir,
-        "--data.path",
-        "parquet",
-        "--data.data_files",
-        args.data,
-        "--data.input_column",
-        "Transcript",
-        "--writer.output_dir",
-        str(args.out),
-        "--writer.overwrite",
-        "true",
-        "--writer.dry_run",
-        "true",
-        "--writer.ignore_free_space",
-        "true",
-        "--trainer.accelerator",
-        "cpu",
-        "--trainer.enable_progress_bar",
-        "false",
-    ]
-    if args.num_proc:
-        cli_args += ["--data.num_proc", str(args.num_proc)]
-    if args.streaming:
-        cli_args += ["--data.streaming", "true", "--data.bucket_size", "256"]
+    settings = {
+        **_parquet_data(args),
+        "writer.dry_run": "true",
+        "writer.ignore_free_space": "true",
+        "data.num_proc": args.num_proc,
+    }
     start = time.perf_counter()
-    ActLightningCLI(args=cli_args)
+    ActLightningCLI(args=_predict_args(settings))
     return {"seconds": time.perf_counter() - start, "peak_rss_mb": _peak_rss_mb()}
 
 
@@ -374,37 +351,15 @@ def phase_stream_first_batch(args) -> dict:
         return original(*a, **k)
 
     stream.collate = timed
-    ActLightningCLI(
-        args=[
-            "predict",
-            "--model.checkpoint",
-            args.model_dir,
-            "--model.layers",
-            "[1]",
-            "--data.path",
-            "parquet",
-            "--data.data_files",
-            args.data,
-            "--data.input_column",
-            "Transcript",
-            "--data.streaming",
-            "true",
-            "--data.bucket_size",
-            "256",
-            "--writer.output_dir",
-            str(args.out),
-            "--writer.overwrite",
-            "true",
-            "--writer.max_shards",
-            "1",
-            "--writer.batches_per_shard",
-            "2",
-            "--trainer.accelerator",
-            "cpu",
-            "--trainer.enable_progress_bar",
-            "false",
-        ]
-    )
+    settings = {
+        **_parquet_data(args),
+        "model.layers": "[1]",
+        "data.streaming": "true",
+        "data.bucket_size": 256,
+        "writer.max_shards": 1,
+        "writer.batches_per_shard": 2,
+    }
+    ActLightningCLI(args=_predict_args(settings))
     return {
         "first_batch_seconds": first.get("seconds"),
         "total_seconds": time.perf_counter() - start,
@@ -429,9 +384,9 @@ def run_phase(name: str, args, **overrides) -> dict:
     options = {**vars(args), **overrides}
     command = [sys.executable, __file__, "--phase", name]
     for key, value in options.items():
-        if key in ("phase", "only") or value is None or value is False:
+        if key in ("phase", "only") or value is None:
             continue
-        command += [f"--{key.replace('_', '-')}"] if value is True else [f"--{key.replace('_', '-')}", str(value)]
+        command += [f"--{key.replace('_', '-')}", str(value)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     result = subprocess.run(command, capture_output=True, text=True, env=env)
     if result.returncode != 0:
@@ -467,7 +422,6 @@ def main() -> None:
     parser.add_argument("--reader-layer", default="layer_6")
     parser.add_argument("--data-rows", type=int, default=100_000, help="rows of the data phase (and 4x that)")
     parser.add_argument("--num-proc", type=int, default=None, help="data.num_proc of the data phase")
-    parser.add_argument("--streaming", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--json", default=None, help="also write the results to this file")
     parser.add_argument("--phase", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
