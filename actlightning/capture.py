@@ -156,14 +156,15 @@ class HiddenStateCapture:
         # The full model's depth: with truncated blocks, the last loaded block's output is
         # hidden_states[len(blocks)], not the model's (normed) last hidden state.
         self.num_layers = len(blocks) if num_layers is None else num_layers
-        if blocks_needed(layers, hook_points, self.num_layers, tie_last) > len(blocks):
-            raise ValueError(f"{len(blocks)} blocks loaded; these layers and hook points need more")
+        needed = blocks_needed(layers, hook_points, self.num_layers, tie_last)
+        if needed > len(blocks):
+            raise ValueError(f"{len(blocks)} blocks loaded; these layers and hook points need {needed}")
         self.columns = [layer_column(i) for i in layers] + [p.column for p in hook_points]
         self._captured: dict[str, torch.Tensor] = {}
         wanted = set(layers)
         full_for_layers = bool(layers) and max(layers) == self.num_layers and tie_last
         self.needs_full_forward = full_for_layers or any(p.block is None for p in hook_points)
-        deepest_block = blocks_needed(layers, hook_points, self.num_layers, tie_last) - 1
+        deepest_block = needed - 1
         self._handles = []
         modules = dict(model.named_modules())
         for point in hook_points:

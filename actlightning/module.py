@@ -42,7 +42,7 @@ def truncated_config(config: PretrainedConfig, blocks: int) -> PretrainedConfig:
     depth = config.num_hidden_layers
     short = copy.deepcopy(config)
     for key, value in vars(config).items():
-        if isinstance(value, (list, tuple)) and len(value) == depth and key != "num_hidden_layers":
+        if isinstance(value, (list, tuple)) and len(value) == depth:
             setattr(short, key, type(value)(value[:blocks]))
     short.num_hidden_layers = blocks
     return short

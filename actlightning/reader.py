@@ -225,7 +225,7 @@ def iter_token_batches(
     files = shard_files(Path(path))
     units = _row_group_units(files)[worker::num_workers]
     rng = np.random.default_rng([seed, worker]) if shuffle_buffer else None
-    dtype = "float32"  # replaced by the column's stored dtype once its first file is opened
+    dtype = stored_dtype(pq.read_schema(files[0]).field(column)) if files else "float32"
     pending: list[np.ndarray] = []
     pending_count = 0
 
@@ -246,11 +246,11 @@ def iter_token_batches(
         pending_count = len(buffer) - stop
 
     threshold = max(shuffle_buffer or 0, batch_size)
-    for unit_index, (file, group) in enumerate(units):
-        parquet = pq.ParquetFile(file)
-        if unit_index == 0:
-            dtype = stored_dtype(parquet.schema_arrow.field(column))
-        table = parquet.read_row_group(group, columns=[column])
+    opened: tuple[Path, pq.ParquetFile] | None = None
+    for file, group in units:
+        if opened is None or opened[0] != file:  # units come file by file: each footer is read once
+            opened = (file, pq.ParquetFile(file))
+        table = opened[1].read_row_group(group, columns=[column])
         vectors, _ = column_vectors(table.column(column))
         if not len(vectors):
             continue
