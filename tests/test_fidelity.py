@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from tests.helpers import Reference, read_rows, run_export
 
@@ -23,8 +24,9 @@ def _games(games_file):
         {"model.layers": "[1, -1]", "model.n_pos": 5},
         {"model.output_dtype": "float16"},
         {"model.layers": "[0, 2]", "model.output_dtype": "float16", "data.sort_by_length": "true"},
+        {"model.layers": "[0, 1, -1]", "model.output_dtype": "bfloat16"},
     ],
-    ids=["all-float32", "subset-npos", "all-float16", "early-exit-float16-sorted"],
+    ids=["all-float32", "subset-npos", "all-float16", "early-exit-float16-sorted", "bfloat16-storage"],
 )
 def test_export_matches_unpadded_forward(tmp_path, checkpoints, games_file, architecture, padding_side, settings):
     checkpoint = checkpoints[architecture]
@@ -35,6 +37,7 @@ def test_export_matches_unpadded_forward(tmp_path, checkpoints, games_file, arch
     assert [r["example_id"] for r in rows] == list(range(len(games)))
     n_pos = settings.get("model.n_pos")
     float16 = settings.get("model.output_dtype") == "float16"
+    bfloat16 = settings.get("model.output_dtype") == "bfloat16"
     num_states = reference.model.config.num_hidden_layers + 1
     layer_setting = settings.get("model.layers")
     layers = (
@@ -59,5 +62,11 @@ def test_export_matches_unpadded_forward(tmp_path, checkpoints, games_file, arch
                     got.astype(np.float32), want.astype(np.float16).astype(np.float32), rtol=2**-10, atol=1e-6
                 )
                 assert (got == want.astype(np.float16)).mean() > 0.99
+            elif bfloat16:
+                # Stored as 2-byte bit patterns, decoded by the reader: the float32 forward rounded to
+                # bfloat16 (one bfloat16 step of slack, as for float16 above).
+                rounded = torch.from_numpy(want).to(torch.bfloat16).float().numpy()
+                np.testing.assert_allclose(got, rounded, rtol=2**-7, atol=1e-6)
+                assert (got == rounded).mean() > 0.99
             else:
                 np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
