@@ -22,8 +22,17 @@ def _given(**settings: object) -> str:
     return f" ({', '.join(given)})" if given else ""
 
 
-def render_card(manifest: dict, schema: pa.Schema, folder: Path) -> str:
-    """Markdown with Hub front matter: what model and data, which layers, the schema, how to load it."""
+def render_card(manifest: dict, schema: pa.Schema, folder: Path | str, remote: bool = False) -> str:
+    """Markdown with Hub front matter: what model and data, which layers, the schema, how to load it.
+
+    For a URL the snippets pass ``storage_options`` (never their values: credentials stay out of the card).
+    """
+    options = ", storage_options=storage_options" if remote else ""
+    options_note = (
+        "\n# storage_options: the same as writer.storage_options ({} when the environment has the credentials)"
+        if remote
+        else ""
+    )
     settings, totals = manifest["settings"], manifest["totals"]
     model, data = settings["model"], settings["data"]
     layout = settings.get("layout", "sequence")
@@ -68,8 +77,8 @@ Hidden states exported with actlightning from `{model["checkpoint"]}`{_given(rev
 ## Loading
 
 ```python
-from datasets import load_dataset
-ds = load_dataset("parquet", data_files="{folder}/*.parquet", split="train")
+from datasets import load_dataset{options_note}
+ds = load_dataset("parquet", data_files="{folder}/*.parquet", split="train"{options})
 ds.with_format("torch")[0]["{first}"]   # note: datasets' torch format casts floats to float32
 ```
 
@@ -77,9 +86,9 @@ Stored dtype kept, and streaming batches of token vectors (e.g. for SAE training
 
 ```python
 from actlightning.reader import open_export, iter_token_batches
-export = open_export("{folder}")
+export = open_export("{folder}"{options})
 ds = export.dataset()                        # torch tensors in their stored dtype
-for batch in iter_token_batches("{folder}", "{first}", batch_size=4096, shuffle_buffer=1_000_000):
+for batch in iter_token_batches("{folder}", "{first}", batch_size=4096, shuffle_buffer=1_000_000{options}):
     ...                                      # [4096, width]
 ```
 

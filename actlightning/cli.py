@@ -14,7 +14,8 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 from actlightning.data import ActivationDataModule
-from actlightning.errors import ActivationError, ConfigError
+from actlightning.errors import ConfigError, ExportError
+from actlightning.storage import redact
 from actlightning.loading import context_size
 from actlightning.module import ActivationModule
 from actlightning.progress import TokenProgressBar
@@ -232,7 +233,11 @@ class ActLightningCLI(LightningCLI):
             log.info("writer.dry_run: stopping before the export; nothing was written")
             return
         parser = self._parser(self.subcommand)
-        writer.config_yaml = parser.dump(self.config.get(str(self.subcommand), self.config), skip_unset=False)
+        config = self.config.get(str(self.subcommand), self.config).clone()
+        # Credentials stay out of config.yaml: storage_options keep their keys, never their values.
+        config["writer.storage_options"] = redact(config.get("writer.storage_options"))
+        config["writer.output_dir"] = writer.output_dir if writer.location.remote else config["writer.output_dir"]
+        writer.config_yaml = parser.dump(config, skip_unset=False)
         self.trainer.predict(model, datamodule=datamodule, return_predictions=False)
 
 
@@ -259,7 +264,7 @@ def main(args: ArgsType = None) -> None:
     quiet_third_party()
     try:
         ActLightningCLI(args=args)
-    except (ConfigError, ActivationError) as error:
+    except (ConfigError, ExportError) as error:
         print(f"actlightning: error: {error}", file=sys.stderr)
         sys.exit(2 if isinstance(error, ConfigError) else 1)
     except KeyboardInterrupt:

@@ -5,7 +5,11 @@ class ConfigError(ValueError):
     """A setting or an input (dataset, checkpoint, output dir) that cannot work as given."""
 
 
-class ActivationError(RuntimeError):
+class ExportError(RuntimeError):
+    """The export stopped for a reason the user can act on (shown as one line, exit code 1)."""
+
+
+class ActivationError(ExportError):
     """The model produced activations that cannot be stored faithfully (NaN, or overflow of the storage dtype)."""
 
 

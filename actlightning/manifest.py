@@ -7,14 +7,14 @@ so a partial export is always self-describing, and resume never trusts anything 
 from __future__ import annotations
 
 import json
-import os
 import platform
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict
 from pathlib import Path
 
-from actlightning.shards import SHARD_PATTERN, TMP_SUFFIX, ShardInfo
+from actlightning.shards import SHARD_PATTERN, ShardInfo
+from actlightning.storage import LocalLocation, Location, as_location
 
 MANIFEST = "manifest.json"
 CONFIG = "config.yaml"
@@ -44,25 +44,30 @@ def library_versions() -> dict[str, str]:
     }
 
 
+def shard_names(location: Location | Path) -> list[str]:
+    """Names of the complete shards of an export, in name order."""
+    return [name for name in as_location(location).names() if SHARD_PATTERN.match(name)]
+
+
 def shard_files(folder: Path) -> list[Path]:
-    """Complete shards in ``folder``, in name order."""
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.iterdir() if SHARD_PATTERN.match(p.name))
+    """Complete shards in a local ``folder``, in name order."""
+    return [folder / name for name in shard_names(folder)]
 
 
-def read_manifest(folder: Path) -> dict | None:
-    path = folder / MANIFEST
-    if not path.exists():
+def read_manifest(location: Location | Path) -> dict | None:
+    location = as_location(location)
+    if MANIFEST not in location.names():
         return None
-    return json.loads(path.read_text())
+    return json.loads(location.read_text(MANIFEST))
+
+
+def manifest_bytes(payload: Mapping) -> bytes:
+    return (json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n").encode()
 
 
 def write_json_atomic(path: Path, payload: Mapping) -> None:
     """Write ``payload`` to a temporary file and rename it over ``path``: readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}{TMP_SUFFIX}")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n")
-    os.replace(tmp, path)
+    LocalLocation(path.parent).write_bytes(path.name, manifest_bytes(payload))
 
 
 def build_manifest(

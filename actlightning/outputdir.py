@@ -7,7 +7,6 @@ finished one (nothing to do). ``overwrite``: another export of this tool, to be 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Literal
 
@@ -20,44 +19,40 @@ from actlightning.manifest import (
     REPORT,
     read_manifest,
     settings_differences,
-    shard_files,
+    shard_names,
 )
 from actlightning.shards import is_tmp_file
+from actlightning.storage import Location, as_location
 
 ExportState = Literal["new", "resume", "complete", "overwrite"]
 
 
-def nearest_existing(path: Path) -> Path:
-    """``path`` or its closest existing parent (where it would be created)."""
-    return next(p for p in [path, *path.absolute().parents] if p.exists())
-
-
-def own_files(folder: Path) -> list[str]:
-    """Names of the files in ``folder`` that this tool wrote (shards, temporary files, manifest, ...)."""
-    entries = sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+def own_files(location: Location | Path) -> list[str]:
+    """Names of the files at ``location`` that this tool wrote (shards, temporary files, manifest, ...)."""
+    location = as_location(location)
+    entries = location.names()
     own = [n for n in entries if n in (MANIFEST, CONFIG, CARD, REPORT) or is_tmp_file(n)]
-    return own + [p.name for p in shard_files(folder)]
+    return own + shard_names(location)
 
 
-def inspect_output_dir(folder: Path, settings: dict, overwrite: bool) -> ExportState:
-    """What ``folder`` holds, read-only; raises ``ConfigError`` when it cannot take this export."""
-    if folder.exists() and not folder.is_dir():
-        raise ConfigError(f"writer.output_dir {folder} exists and is not a directory; choose a folder")
-    existing_parent = nearest_existing(folder)
-    if not os.access(existing_parent, os.W_OK | os.X_OK):
-        raise ConfigError(f"writer.output_dir {folder} is not writable ({existing_parent} denies writing)")
-    entries = sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+def inspect_output_dir(location: Location | Path, settings: dict, overwrite: bool) -> ExportState:
+    """What ``location`` holds, read-only (a URL gets one tiny write check);
+    raises ``ConfigError`` when it cannot take this export."""
+    location = as_location(location)
+    folder = location.url
+    location.check_writable()
+    entries = [name for name in location.names() if not is_tmp_file(name)]
     if not entries:
         return "new"
     if overwrite:
-        foreign = sorted(set(entries) - set(own_files(folder)))
+        foreign = sorted(set(entries) - set(own_files(location)))
         if foreign:
             raise ConfigError(
                 f"writer.overwrite would clear {folder}, but it holds files this tool did not write: "
                 f"{foreign[:5]}; choose another writer.output_dir"
             )
         return "overwrite"
-    manifest = read_manifest(folder) if MANIFEST in entries else None
+    manifest = read_manifest(location) if MANIFEST in entries else None
     if manifest is None:
         raise ConfigError(
             f"writer.output_dir {folder} is not empty and holds no export of this tool "
@@ -80,14 +75,11 @@ def inspect_output_dir(folder: Path, settings: dict, overwrite: bool) -> ExportS
     return "resume"
 
 
-def clean_output_dir(folder: Path, state: ExportState) -> None:
+def clean_output_dir(location: Location | Path, state: ExportState) -> None:
     """Delete this tool's files (``overwrite``) or leftover temporary files (``resume``); make the folder."""
-    if state == "overwrite":
-        for name in own_files(folder):
-            (folder / name).unlink(missing_ok=True)
-    elif folder.exists():
-        # Temporary files are shards a killed run never finished: the plan redoes their examples.
-        for path in folder.iterdir():
-            if is_tmp_file(path.name):
-                path.unlink(missing_ok=True)
-    folder.mkdir(parents=True, exist_ok=True)
+    location = as_location(location)
+    # Temporary files are shards a killed run never finished: the plan redoes their examples.
+    names = own_files(location) if state == "overwrite" else [n for n in location.names() if is_tmp_file(n)]
+    for name in names:
+        location.delete(name)
+    location.make()

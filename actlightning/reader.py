@@ -3,13 +3,15 @@
 - ``open_export(path)``: the manifest, schema and counts of an export, and a ``datasets.Dataset`` view.
 - ``iter_token_batches`` / ``TokenVectors``: one column's token vectors in batches, reading only that
   column, with an optional seeded shuffle buffer and DataLoader-worker sharding (for SAE training).
+
+Each takes a local path or a URL (``s3://bucket/prefix``, with ``storage_options`` as in ``datasets``);
+from a URL only the footers and the asked-for columns' chunks are fetched, one row group at a time.
 """
 
 from __future__ import annotations
 
 import functools
-import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,8 +22,11 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from actlightning.manifest import MANIFEST, shard_files
+from actlightning.manifest import MANIFEST, read_manifest, shard_names
 from actlightning.schema import DTYPE_METADATA_KEY, VECTOR_PREFIXES, flat_values, storage_array, storage_type
+from actlightning.storage import Location, open_location
+
+StorageOptions = Mapping[str, Any] | None
 
 
 def stored_dtype(field: pa.Field) -> str:
@@ -107,12 +112,26 @@ def read_shard_vectors(path: Path | str, columns: list[str] | None = None) -> di
 
 @dataclass
 class Export:
-    """An export directory: its manifest, schema and shard files."""
+    """An export (a local folder or a URL): its manifest, schema and shard names."""
 
-    path: Path
+    location: Location
     manifest: dict
     schema: pa.Schema
-    files: list[Path]
+    names: list[str]
+    storage_options: StorageOptions = None
+
+    @property
+    def path(self) -> str:
+        return self.location.url
+
+    @property
+    def files(self) -> list[str]:
+        """Each shard's path or URL."""
+        return [self.location.path(name) for name in self.names]
+
+    def parquet_file(self, name: str) -> pq.ParquetFile:
+        """One shard for ranged reads (its footer now, the row groups and columns asked for later)."""
+        return pq.ParquetFile(self.location.open(name))
 
     @property
     def rows(self) -> int:
@@ -134,26 +153,44 @@ class Export:
     def dtypes(self) -> dict[str, str]:
         return {name: stored_dtype(self.schema.field(name)) for name in self.vector_columns}
 
-    def dataset(self, cache_dir: str | None = None):
-        """A ``datasets.Dataset`` of the export, memory-mapped; vector columns come as torch tensors
-        in their stored dtype (``datasets``' own torch format would cast them to float32)."""
+    def dataset(self, cache_dir: str | None = None, streaming: bool | None = None, columns: list[str] | None = None):
+        """A ``datasets.Dataset`` of the export; vector columns come as torch tensors in their stored
+        dtype (``datasets``' own torch format would cast them to float32).
+
+        ``streaming``: unset, a local export is memory-mapped (``Dataset``) and a URL is streamed
+        (``IterableDataset``: nothing downloaded up front; ``load_dataset`` would copy every shard into
+        its cache). ``columns``: read only these.
+        """
         from datasets import load_dataset
 
         _register_formatter()
-        dataset = load_dataset("parquet", data_files=[str(f) for f in self.files], split="train", cache_dir=cache_dir)
+        streaming = self.location.remote if streaming is None else streaming
+        dataset = load_dataset(
+            "parquet",
+            data_files=self.files,
+            split="train",
+            cache_dir=cache_dir,
+            streaming=streaming,
+            storage_options=dict(self.storage_options or {}) or None,
+            **({"columns": columns} if columns else {}),
+        )
+        if streaming:  # an IterableDataset's format takes no arguments: dtypes come from the schema
+            return dataset.with_format("actlightning")
         return dataset.with_format("actlightning", dtypes=self.dtypes)
 
 
-def open_export(path: str | Path) -> Export:
-    """Open an export directory (local path) through its manifest."""
-    folder = Path(path)
-    manifest_path = folder / MANIFEST
-    if not manifest_path.exists():
-        raise FileNotFoundError(f"{folder} holds no {MANIFEST}: not an actlightning export")
-    files = shard_files(folder)
-    if not files:
-        raise FileNotFoundError(f"{folder} holds no complete shard yet")
-    return Export(folder, json.loads(manifest_path.read_text()), pq.read_schema(files[0]), files)
+def open_export(path: str | Path, storage_options: StorageOptions = None) -> Export:
+    """Open an export (a local folder or a URL) through its manifest."""
+    location = open_location(path, storage_options)
+    manifest = read_manifest(location)
+    if manifest is None:
+        raise FileNotFoundError(f"{location.url} holds no {MANIFEST}: not an actlightning export")
+    names = shard_names(location)
+    if not names:
+        raise FileNotFoundError(f"{location.url} holds no complete shard yet")
+    with location.open(names[0]) as handle:
+        schema = pq.read_schema(handle)
+    return Export(location, manifest, schema, names, storage_options)
 
 
 @functools.cache
@@ -202,8 +239,17 @@ def _register_formatter() -> None:
     register_formatter(ActivationFormatter, "actlightning")
 
 
-def _row_group_units(files: list[Path]) -> list[tuple[Path, int]]:
-    return [(f, g) for f in files for g in range(pq.ParquetFile(f).metadata.num_row_groups)]
+def _row_group_units(export: Export) -> list[tuple[str, int]]:
+    # The row-group counts are in the manifest's shards; a footer is read only for a shard it lacks.
+    counts = {s["file"]: s.get("row_groups") for s in export.manifest.get("shards", [])}
+    units = []
+    for name in export.names:
+        groups = counts.get(name)
+        if groups is None:
+            with export.location.open(name) as handle:
+                groups = pq.read_metadata(handle).num_row_groups
+        units += [(name, g) for g in range(groups)]
+    return units
 
 
 def iter_token_batches(
@@ -215,6 +261,7 @@ def iter_token_batches(
     worker: int = 0,
     num_workers: int = 1,
     drop_last: bool = False,
+    storage_options: StorageOptions = None,
 ) -> Iterator[torch.Tensor]:
     """Token vectors of one column, ``[batch_size, width]`` at a time, reading only that column.
 
@@ -222,10 +269,10 @@ def iter_token_batches(
     row exactly once. ``shuffle_buffer`` (tokens) mixes vectors across row groups with a seeded
     generator: deterministic for a given seed, worker and export.
     """
-    files = shard_files(Path(path))
-    units = _row_group_units(files)[worker::num_workers]
+    export = open_export(path, storage_options)
+    units = _row_group_units(export)[worker::num_workers]
     rng = np.random.default_rng([seed, worker]) if shuffle_buffer else None
-    dtype = stored_dtype(pq.read_schema(files[0]).field(column)) if files else "float32"
+    dtype = stored_dtype(export.schema.field(column))
     pending: list[np.ndarray] = []
     pending_count = 0
 
@@ -246,10 +293,10 @@ def iter_token_batches(
         pending_count = len(buffer) - stop
 
     threshold = max(shuffle_buffer or 0, batch_size)
-    opened: tuple[Path, pq.ParquetFile] | None = None
+    opened: tuple[str, pq.ParquetFile] | None = None
     for file, group in units:
         if opened is None or opened[0] != file:  # units come file by file: each footer is read once
-            opened = (file, pq.ParquetFile(file))
+            opened = (file, export.parquet_file(file))
         table = opened[1].read_row_group(group, columns=[column])
         vectors, _ = column_vectors(table.column(column))
         if not len(vectors):
@@ -269,14 +316,27 @@ class TokenVectors(IterableDataset):
     """
 
     def __init__(
-        self, path: str | Path, column: str, batch_size: int, shuffle_buffer: int | None = None, seed: int = 0
+        self,
+        path: str | Path,
+        column: str,
+        batch_size: int,
+        shuffle_buffer: int | None = None,
+        seed: int = 0,
+        storage_options: StorageOptions = None,
     ) -> None:
-        self.path, self.column, self.batch_size = Path(path), column, batch_size
-        self.shuffle_buffer, self.seed = shuffle_buffer, seed
+        self.path, self.column, self.batch_size = str(path), column, batch_size
+        self.shuffle_buffer, self.seed, self.storage_options = shuffle_buffer, seed, storage_options
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         return iter_token_batches(
-            self.path, self.column, self.batch_size, self.shuffle_buffer, self.seed, worker, num_workers
+            self.path,
+            self.column,
+            self.batch_size,
+            self.shuffle_buffer,
+            self.seed,
+            worker,
+            num_workers,
+            storage_options=self.storage_options,
         )

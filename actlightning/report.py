@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from actlightning.reader import column_vectors, open_export, stored_dtype, to_torch
 
@@ -63,8 +62,8 @@ def collect(path: str | Path) -> tuple[dict[str, NormStats], np.ndarray, object]
     stats = {name: NormStats() for name in export.vector_columns}
     lengths: list[np.ndarray] = []
     token_examples: list[np.ndarray] = []
-    for file in export.files:
-        parquet = pq.ParquetFile(file)
+    for name in export.names:
+        parquet = export.parquet_file(name)
         for group in range(parquet.metadata.num_row_groups):
             for name in export.vector_columns:
                 table = parquet.read_row_group(group, columns=[name])

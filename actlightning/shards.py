@@ -16,12 +16,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from actlightning.errors import ExportError
 from actlightning.parquet_file import VectorParquetWriter
+from actlightning.storage import TMP_SUFFIX, WRITE_CHECK_PREFIX, LocalLocation, Location, StorageError
 
 Compression = Literal["none", "zstd", "snappy", "lz4"]
 VectorEncoder = Literal["direct", "arrow"]
 SHARD_PATTERN = re.compile(r"^shard-(\d{5,})-rank(\d{2,})\.parquet$")
-TMP_SUFFIX = ".tmp"
 SHARD_METADATA_KEY = "actlightning"
 
 
@@ -36,8 +37,8 @@ def tmp_name(final_name: str) -> str:
 
 
 def is_tmp_file(name: str) -> bool:
-    """A shard or manifest being written: left behind only by a run that was killed."""
-    return name.startswith((".shard-", ".manifest.json")) and name.endswith(TMP_SUFFIX)
+    """A shard, manifest or write check being written: left behind only by a run that was killed."""
+    return name.startswith((".shard-", ".manifest.json", WRITE_CHECK_PREFIX)) and name.endswith(TMP_SUFFIX)
 
 
 @dataclass
@@ -51,13 +52,24 @@ class ShardInfo:
     bytes: int
     # Sequences whose tokens the shard holds (= rows in the sequence layout).
     examples: int
+    # Parquet row groups (one per written batch or shuffle flush): readers split work by them.
+    row_groups: int | None = None
 
     @classmethod
-    def read(cls, path: Path) -> ShardInfo:
-        metadata = pq.read_metadata(path)
+    def read(cls, location: Location | Path, name: str | None = None) -> ShardInfo:
+        """From the footer of shard ``name`` of ``location`` (or of the local file ``location``)."""
+        if isinstance(location, Path):
+            name = location.name
+            location = LocalLocation(location.parent)
+        assert name is not None, "a shard name goes with a location"
+        with location.open(name) as handle:
+            metadata = pq.read_metadata(handle)
+            size = handle.seek(0, os.SEEK_END)
         extra = json.loads(metadata.metadata[SHARD_METADATA_KEY.encode()])
         examples = extra.get("examples", metadata.num_rows)
-        return cls(path.name, extra["shard_index"], metadata.num_rows, extra["tokens"], path.stat().st_size, examples)
+        return cls(
+            name, extra["shard_index"], metadata.num_rows, extra["tokens"], size, examples, metadata.num_row_groups
+        )
 
 
 def parquet_options(
@@ -98,7 +110,8 @@ class ArrowParquetFile:
 
 
 class ShardFile:
-    """One Parquet shard, written under a temporary name and renamed into place when complete.
+    """One Parquet shard, written under a temporary name in a local folder and published when complete
+    (renamed into place, or uploaded: see ``storage``).
 
     Each written table becomes one row group. ``vector_encoder``: ``direct`` writes the vector
     columns' pages straight from their buffers (``parquet_file``), ``arrow`` leaves all to pyarrow.
@@ -112,24 +125,28 @@ class ShardFile:
         schema: pa.Schema,
         options: dict,
         vector_encoder: VectorEncoder = "direct",
+        location: Location | None = None,
     ) -> None:
         self.shard_index = shard_index
-        self.final_path = folder / shard_name(shard_index, rank)
-        self.tmp_path = folder / tmp_name(self.final_path.name)
+        self.location = location if location is not None else LocalLocation(folder)
+        self.name = shard_name(shard_index, rank)
+        self.tmp_path = folder / tmp_name(self.name)
         self.rows = 0
         self.tokens = 0
         self.examples = 0
+        self.row_groups = 0
         file_class = VectorParquetWriter if vector_encoder == "direct" else ArrowParquetFile
         self._writer = file_class(self.tmp_path, schema, options)
 
     def write(self, table: pa.Table, tokens: int, examples: int) -> None:
         self._writer.write_table(table)
         self.rows += table.num_rows
+        self.row_groups += 1
         self.tokens += tokens
         self.examples += examples
 
     def close(self) -> ShardInfo:
-        """Finish the file, flush it to disk, then make it visible under its final name."""
+        """Finish the file, then publish it: it appears under its final name only complete."""
         self._writer.add_key_value_metadata(
             {
                 SHARD_METADATA_KEY: json.dumps(
@@ -138,12 +155,13 @@ class ShardFile:
             }
         )
         self._writer.close()
-        with open(self.tmp_path, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(self.tmp_path, self.final_path)
-        _fsync_dir(self.final_path.parent)
-        size = self.final_path.stat().st_size
-        return ShardInfo(self.final_path.name, self.shard_index, self.rows, self.tokens, size, self.examples)
+        size = self.tmp_path.stat().st_size
+        try:
+            self.location.publish(self.tmp_path, self.name)
+        except BaseException:
+            self.tmp_path.unlink(missing_ok=True)
+            raise
+        return ShardInfo(self.name, self.shard_index, self.rows, self.tokens, size, self.examples, self.row_groups)
 
     def abort(self) -> None:
         try:
@@ -152,15 +170,7 @@ class ShardFile:
             self.tmp_path.unlink(missing_ok=True)
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-class ShardWriteError(RuntimeError):
+class ShardWriteError(ExportError):
     """Writing a shard failed; names the file and the cause."""
 
 
@@ -187,8 +197,10 @@ class BackgroundShardWriter:
         shuffle_buffer: int | None = None,
         shuffle_seed: int = 0,
         vector_encoder: VectorEncoder = "direct",
+        location: Location | None = None,
     ) -> None:
         self.folder = folder
+        self.location = location
         self.rank = rank
         self.schema = schema
         self.options = options
@@ -234,7 +246,7 @@ class BackgroundShardWriter:
         table, tokens, examples = self.encode(item)
         if self._current is None:
             self._current = ShardFile(
-                self.folder, shard_index, self.rank, self.schema, self.options, self.vector_encoder
+                self.folder, shard_index, self.rank, self.schema, self.options, self.vector_encoder, self.location
             )
             self._flushes = 0
         path = self._current.tmp_path
@@ -251,6 +263,8 @@ class BackgroundShardWriter:
                 self.finished.append(info)
                 if self.on_shard_done is not None:
                     self.on_shard_done(info)
+        except StorageError:
+            raise  # already names the URL and the cause
         except OSError as error:
             raise ShardWriteError(f"writing shard {path} failed: {error}") from error
 

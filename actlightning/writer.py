@@ -21,18 +21,11 @@ from actlightning.card import render_card
 from actlightning.cost import bytes_per_token, exported_tokens
 from actlightning.errors import ConfigError, require_positive
 from actlightning.humanize import human_bytes, plural
-from actlightning.manifest import (
-    CARD,
-    CONFIG,
-    MANIFEST,
-    build_manifest,
-    read_manifest,
-    shard_files,
-    write_json_atomic,
-)
-from actlightning.outputdir import ExportState, clean_output_dir, inspect_output_dir, nearest_existing
+from actlightning.manifest import CARD, CONFIG, MANIFEST, build_manifest, manifest_bytes, read_manifest, shard_names
+from actlightning.outputdir import ExportState, clean_output_dir, inspect_output_dir
 from actlightning.schema import EXAMPLE_ID, Layout, batch_to_table, build_features, build_schema, check_finite
 from actlightning.shards import Compression, ShardInfo, ShardWriterPool, VectorEncoder, parquet_options
+from actlightning.storage import Location, nearest_existing, open_location
 
 if TYPE_CHECKING:
     from actlightning.batching import Batch
@@ -85,11 +78,11 @@ def _log_loading(loading: dict) -> None:
     )
 
 
-def interrupted_text(output_dir: Path, shards_this_run: int) -> str:
+def interrupted_text(location: Location, shards_this_run: int) -> str:
     """What Ctrl-C leaves behind, and how to go on."""
-    complete = len(shard_files(output_dir)) if output_dir.is_dir() else 0
+    complete = len(shard_names(location))
     return (
-        f"interrupted: {plural(complete, 'complete shard')} in {output_dir} ({shards_this_run} from this run); "
+        f"interrupted: {plural(complete, 'complete shard')} in {location.url} ({shards_this_run} from this run); "
         "the shard being written was discarded. Rerun the same command to resume where it stopped."
     )
 
@@ -98,7 +91,16 @@ class ParquetShardWriter(BasePredictionWriter):
     """Buffers predicted batches into Parquet shards in ``output_dir``.
 
     Args:
-        output_dir: Folder for the shards, ``manifest.json`` and ``config.yaml``.
+        output_dir: Folder for the shards, ``manifest.json``, ``config.yaml`` and the card: a local path,
+            or a URL of any fsspec filesystem (``s3://bucket/prefix``, ``gs://...``; the ``s3`` extra
+            installs s3fs). A URL's shards are written locally (``staging_dir``) and uploaded whole.
+        storage_options: Options of the URL's filesystem, as ``datasets`` takes them (s3fs: ``endpoint_url``,
+            ``key``, ``secret``, ``profile``, ``client_kwargs: {region_name: ...}``). Unset: the standard
+            environment (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_PROFILE``, ...). Their values are
+            never saved (``config.yaml`` shows ``<redacted>``) nor logged.
+        staging_dir: URL exports only: the local folder where each writer thread writes its shard before
+            uploading it (at most ``writer_threads`` shards at a time; each is deleted once uploaded).
+            Unset: the system's temporary folder.
         batches_per_shard: Batches written into each shard file.
         max_shards: Stop after exactly this many shards. Unset: export the whole dataset.
         overwrite: Start afresh in an ``output_dir`` holding another export (only files this tool wrote
@@ -132,6 +134,8 @@ class ParquetShardWriter(BasePredictionWriter):
     def __init__(
         self,
         output_dir: str | Path,
+        storage_options: dict[str, Any] | None = None,
+        staging_dir: str | None = None,
         batches_per_shard: int = 100,
         max_shards: int | None = None,
         overwrite: bool = False,
@@ -161,7 +165,8 @@ class ParquetShardWriter(BasePredictionWriter):
         require_positive("writer.shuffle_buffer", shuffle_buffer, allow_unset=True)
         if shuffle_buffer is not None and layout != "token":
             raise ConfigError("writer.shuffle_buffer shuffles token rows: it needs writer.layout: token")
-        self.output_dir = Path(output_dir)
+        self.location = open_location(output_dir, storage_options, staging_dir)
+        self.output_dir = self.location.url
         self.batches_per_shard = batches_per_shard
         self.max_shards = max_shards
         self.overwrite = overwrite
@@ -210,8 +215,15 @@ class ParquetShardWriter(BasePredictionWriter):
         datamodule.configure_sharding(self.batches_per_shard, self.max_shards)
         widths = pl_module.estimated_widths()
         per_token = bytes_per_token(widths, pl_module.storage_dtype, self.layout)
-        probe = nearest_existing(self.output_dir)
-        free = shutil.disk_usage(probe).free
+        measured = self.location.free_space()
+        if measured is None:  # a URL: what lands locally is the staged shards
+            staging = self.location.staging_dir(0)
+            free, probe = (
+                shutil.disk_usage(nearest_existing(staging)).free,
+                f"{staging} (staging for {self.output_dir})",
+            )
+        else:
+            free, probe = measured
         plan: dict[str, Any] = {
             "examples": None,
             "tokens": None,
@@ -239,7 +251,7 @@ class ParquetShardWriter(BasePredictionWriter):
         assert store is not None, "setup() has run"
         positions = np.concatenate([b for shard in shards for b in shard]) if shards else np.zeros(0, dtype=np.int64)
         exported = exported_tokens(store.lengths[positions], pl_module.n_pos)
-        existing = read_manifest(self.output_dir) if (self.output_dir / MANIFEST).exists() else None
+        existing = read_manifest(self.location)
         plan.update(
             examples=len(positions),
             tokens=int(exported.sum()),
@@ -255,7 +267,7 @@ class ParquetShardWriter(BasePredictionWriter):
             human_bytes(free), probe,
         )  # fmt: skip
         _log_loading(plan["model"])
-        if estimate - already > free and not self.ignore_free_space:
+        if measured is not None and estimate - already > free and not self.ignore_free_space:
             raise ConfigError(
                 f"the export needs about {human_bytes(estimate - already)} but {probe} has {human_bytes(free)} free; "
                 "free space, export less (model.layers, model.n_pos, data.limit, writer.max_shards), "
@@ -265,7 +277,7 @@ class ParquetShardWriter(BasePredictionWriter):
 
     def inspect_output_dir(self, settings: dict) -> ExportState:
         """What ``output_dir`` holds (see ``outputdir.inspect_output_dir``)."""
-        return inspect_output_dir(self.output_dir, settings, self.overwrite)
+        return inspect_output_dir(self.location, settings, self.overwrite)
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -278,15 +290,19 @@ class ParquetShardWriter(BasePredictionWriter):
         state = self.inspect_output_dir(self.settings)
         trainer.strategy.barrier("actlightning-inspected")
         if trainer.is_global_zero:
-            clean_output_dir(self.output_dir, state)
+            clean_output_dir(self.location, state)
         trainer.strategy.barrier("actlightning-cleaned")
-        existing = [ShardInfo.read(p) for p in shard_files(self.output_dir)] if state in ("resume", "complete") else []
+        # This rank's local folder for shards being written (the output folder itself, for a path).
+        self._staging = self.location.staging_dir(trainer.global_rank)
+        if self.location.remote:
+            shutil.rmtree(self._staging, ignore_errors=True)  # what a killed run left
+            self._staging.mkdir(parents=True, exist_ok=True)
+        names = shard_names(self.location) if state in ("resume", "complete") else []
+        existing = [ShardInfo.read(self.location, name) for name in names]
         self._known = {info.file: info for info in existing}
         done_ids = None
         if existing:
-            done_ids = np.concatenate(
-                [pq.read_table(self.output_dir / i.file, columns=[EXAMPLE_ID]).column(0).to_numpy() for i in existing]
-            )
+            done_ids = np.concatenate([self._example_ids(info.file) for info in existing])
             log.info("resuming: %d complete shards hold %d examples", len(existing), len(done_ids))
         datamodule.configure_sharding(
             self.batches_per_shard, self.max_shards, done_ids, {i.shard_index for i in existing}
@@ -297,19 +313,24 @@ class ParquetShardWriter(BasePredictionWriter):
         self.schema: pa.Schema | None = None
         if trainer.is_global_zero:
             if self.config_yaml is not None:
-                (self.output_dir / CONFIG).write_text(self.config_yaml)
+                self.location.write_text(CONFIG, self.config_yaml)
             self._write_manifest(complete=False)
 
-    def _write_manifest(self, complete: bool, extra: dict | None = None) -> None:
+    def _example_ids(self, name: str) -> np.ndarray:
+        with self.location.open(name) as handle:  # one column: a URL fetches only its chunks
+            return pq.read_table(handle, columns=[EXAMPLE_ID]).column(0).to_numpy()
+
+    def _write_manifest(self, complete: bool, extra: dict | None = None) -> dict:
         with self._lock:
-            # Shards finished by other ranks are picked up from the folder; footers are read once.
-            for path in shard_files(self.output_dir):
-                if path.name not in self._known:
-                    self._known[path.name] = ShardInfo.read(path)
+            # Shards finished by other ranks are picked up from the listing; footers are read once.
+            for name in shard_names(self.location):
+                if name not in self._known:
+                    self._known[name] = ShardInfo.read(self.location, name)
             planned = {"plan": self.plan} if self.plan is not None else {}
             extra = {"data": self._datamodule.summary(), **planned, **(extra or {})}
             manifest = build_manifest(self.settings, self._known.values(), complete, extra)
-            write_json_atomic(self.output_dir / MANIFEST, manifest)
+            self.location.write_bytes(MANIFEST, manifest_bytes(manifest))
+            return manifest
 
     def _on_shard_done(self, info: ShardInfo) -> None:
         self._known[info.file] = info
@@ -331,7 +352,8 @@ class ParquetShardWriter(BasePredictionWriter):
         self.options = parquet_options(self.schema, self.compression, self.vector_columns, self.compression_level)
         return ShardWriterPool(
             self.writer_threads,
-            folder=self.output_dir,
+            folder=self._staging,
+            location=self.location,
             rank=trainer.global_rank,
             schema=self.schema,
             options=self.options,
@@ -378,6 +400,7 @@ class ParquetShardWriter(BasePredictionWriter):
         # (closed in its on_predict_end) shows the final shard count.
         writer, self._writer = self._writer, None
         self._finished = writer.close() if writer is not None else []
+        self._remove_staging()
         for info in self._finished:
             self.tokens_exported += info.tokens
 
@@ -400,22 +423,26 @@ class ParquetShardWriter(BasePredictionWriter):
                 "exported_tokens_per_second": round(exported / seconds, 1),
                 "shards": shards,
             }
-            self._write_manifest(complete=True, extra={"run": run})
-            manifest = read_manifest(self.output_dir)
-            assert manifest is not None, "written just above"
+            manifest = self._write_manifest(complete=True, extra={"run": run})
             self._write_card(manifest)
             log.info(summary_text(manifest, shards))
 
     def _write_card(self, manifest: dict) -> None:
-        files = shard_files(self.output_dir)
-        if files:
-            schema = pq.read_schema(files[0])
-            (self.output_dir / CARD).write_text(render_card(manifest, schema, self.output_dir))
+        names = sorted(self._known)
+        if names:
+            with self.location.open(names[0]) as handle:
+                schema = pq.read_schema(handle)
+            self.location.write_text(CARD, render_card(manifest, schema, self.location.url, self.location.remote))
+
+    def _remove_staging(self) -> None:
+        if self.location.remote and getattr(self, "_staging", None) is not None:
+            shutil.rmtree(self._staging, ignore_errors=True)
 
     @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         if self._writer is not None:
             self._writer.abort()
             self._writer = None
+        self._remove_staging()
         if isinstance(exception, KeyboardInterrupt) and trainer.is_global_zero:
-            log.warning(interrupted_text(self.output_dir, self.shards_done))
+            log.warning(interrupted_text(self.location, self.shards_done))

@@ -47,3 +47,21 @@ def saved_dataset(tmp_path_factory, games_file) -> Path:
     folder = tmp_path_factory.mktemp("saved") / "games"
     load_dataset("json", data_files=str(games_file), split="train").save_to_disk(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """An S3-compatible server (moto) on 127.0.0.1 for this test session: ``http://127.0.0.1:PORT``."""
+    from tests.s3 import start_server
+
+    server, endpoint = start_server()
+    yield endpoint
+    server.stop()
+
+
+@pytest.fixture
+def bucket(s3_endpoint, request):
+    """A new, empty bucket on the session's S3 server."""
+    from tests.s3 import Bucket
+
+    return Bucket.create(s3_endpoint, request.node.name)
