@@ -15,10 +15,10 @@ from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCL
 
 from actlightning.data import ActivationDataModule
 from actlightning.errors import ConfigError, ExportError
-from actlightning.storage import redact
 from actlightning.loading import context_size
 from actlightning.module import ActivationModule
 from actlightning.progress import TokenProgressBar
+from actlightning.storage import redact
 from actlightning.writer import ParquetShardWriter
 
 log = logging.getLogger("actlightning")

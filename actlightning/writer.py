@@ -6,6 +6,7 @@ import logging
 import shutil
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -273,6 +274,15 @@ class ParquetShardWriter(BasePredictionWriter):
                 "free space, export less (model.layers, model.n_pos, data.limit, writer.max_shards), "
                 "or set writer.ignore_free_space: true"
             )
+        # A URL: the bucket's space is not known; the staging folder holds one shard per writer thread.
+        staged = self.writer_threads * max(estimate // max(len(shards), 1), per_token) if shards else 0
+        if measured is None and staged > free and not self.ignore_free_space:
+            raise ConfigError(
+                f"writer.staging_dir: {plural(self.writer_threads, 'shard')} of about "
+                f"{human_bytes(staged // self.writer_threads)} are staged at once before upload, but {probe} has "
+                f"{human_bytes(free)} free; set writer.staging_dir to a larger local disk, lower "
+                "writer.batches_per_shard or writer.writer_threads, or set writer.ignore_free_space: true"
+            )
         return plan
 
     def inspect_output_dir(self, settings: dict) -> ExportState:
@@ -298,11 +308,15 @@ class ParquetShardWriter(BasePredictionWriter):
             shutil.rmtree(self._staging, ignore_errors=True)  # what a killed run left
             self._staging.mkdir(parents=True, exist_ok=True)
         names = shard_names(self.location) if state in ("resume", "complete") else []
-        existing = [ShardInfo.read(self.location, name) for name in names]
+        # Footers and example ids of the complete shards, several at a time: from a bucket each is a
+        # round trip, and a resume of thousands of shards would otherwise wait on them one by one.
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            read = list(pool.map(self._read_shard, names))
+        existing = [info for info, _ in read]
         self._known = {info.file: info for info in existing}
         done_ids = None
         if existing:
-            done_ids = np.concatenate([self._example_ids(info.file) for info in existing])
+            done_ids = np.concatenate([ids for _, ids in read])
             log.info("resuming: %d complete shards hold %d examples", len(existing), len(done_ids))
         datamodule.configure_sharding(
             self.batches_per_shard, self.max_shards, done_ids, {i.shard_index for i in existing}
@@ -316,9 +330,11 @@ class ParquetShardWriter(BasePredictionWriter):
                 self.location.write_text(CONFIG, self.config_yaml)
             self._write_manifest(complete=False)
 
-    def _example_ids(self, name: str) -> np.ndarray:
-        with self.location.open(name) as handle:  # one column: a URL fetches only its chunks
-            return pq.read_table(handle, columns=[EXAMPLE_ID]).column(0).to_numpy()
+    def _read_shard(self, name: str) -> tuple[ShardInfo, np.ndarray]:
+        """A complete shard's footer and its example ids (one column: a URL fetches only its chunks)."""
+        with self.location.open(name) as handle:
+            ids = pq.read_table(handle, columns=[EXAMPLE_ID]).column(0).to_numpy()
+        return ShardInfo.read(self.location, name), ids
 
     def _write_manifest(self, complete: bool, extra: dict | None = None) -> dict:
         with self._lock:

@@ -40,9 +40,7 @@ def _same_rows(a: list[dict], b: list[dict]) -> None:
             np.testing.assert_allclose(x[name], y[name], rtol=0, atol=1e-5)
 
 
-def test_export_to_s3_equals_the_local_export_keeps_no_secret_and_reads_back(
-    tmp_path, checkpoints, games_file, bucket
-):
+def test_export_to_s3_equals_the_local_export_keeps_no_secret_and_reads_back(tmp_path, checkpoints, games_file, bucket):
     local = tmp_path / "local"
     assert run_main(export_args(checkpoints["gpt2"], games_file, local, **LAYERS)).returncode == 0
     log_file, staging = tmp_path / "log.txt", tmp_path / "staging"
@@ -107,7 +105,7 @@ def test_missing_bucket_is_one_line_before_any_weights(tmp_path, checkpoints, ga
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert lines[-1].startswith("actlightning: error: writer.output_dir s3://no-such-bucket-actlightning/export")
-    assert "not writable" in lines[-1] and "bucket does not exist" in lines[-1]
+    assert "is not writable" in lines[-1] and "bucket does not exist" in lines[-1]
     assert "plan:" not in result.stderr, "stopped before the data and the weights"
 
 
@@ -219,3 +217,17 @@ def test_two_processes_upload_every_row_once(tmp_path, checkpoints, games_file, 
     _same_rows(read_rows(remote), read_rows(local))
     manifest = json.loads((remote / "manifest.json").read_text())
     assert manifest["complete"] and manifest["totals"]["rows"] == 40 and len(manifest["shards"]) == len(names)
+
+
+def test_staging_folder_too_small_for_the_staged_shards_is_refused(
+    tmp_path, checkpoints, games_file, bucket, monkeypatch
+):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
+    result = run_main(_s3_args(checkpoints["gpt2"], games_file, bucket, **{"writer.writer_threads": 2}))
+    assert result.returncode == 2
+    assert "writer.staging_dir: 2 shards of about" in result.stderr and "are staged at once" in result.stderr
+    assert [n for n in bucket.names() if not n.startswith(".")] == [], "nothing uploaded"

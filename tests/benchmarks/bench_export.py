@@ -16,6 +16,7 @@ then measures, each phase in its own process so peak memory is its own:
     python tests/benchmarks/bench_export.py --only writer --writer-threads 1,2
     python tests/benchmarks/bench_export.py --only writer --vector-encoder arrow   # pyarrow's encoder, for comparison
     python tests/benchmarks/bench_export.py --hidden-size 256 --examples 128 --only export,scaling
+    python tests/benchmarks/bench_export.py --only s3 --repeat 3      # local disk vs a local S3 server (moto)
 
 The scaling run needs enough batches (here 8 vs 32) to fill the writer pipeline in both runs; with
 only a couple of batches the 1x run never holds ``max_pending_batches`` in flight.
@@ -137,8 +138,9 @@ def phase_floor(args) -> dict:
 def phase_export(args) -> dict:
     """The full export through the real CLI."""
     from actlightning.cli import ActLightningCLI
+    from actlightning.manifest import read_manifest
+    from actlightning.storage import open_location
 
-    out = Path(args.out)
     settings = {
         "model.checkpoint": args.model_dir,
         "model.dtype": "float32",
@@ -148,7 +150,8 @@ def phase_export(args) -> dict:
         "data.input_column": "Transcript",
         "data.batch_size": args.batch_size,
         "data.bucket_size": args.bucket_size or None,
-        "writer.output_dir": out,
+        # A folder, or a URL (s3://...: the AWS_* environment points it at the server).
+        "writer.output_dir": args.out,
         "writer.overwrite": "true",
         "writer.batches_per_shard": args.batches_per_shard,
         "writer.vector_encoder": args.vector_encoder,
@@ -164,7 +167,8 @@ def phase_export(args) -> dict:
     start = time.perf_counter()
     ActLightningCLI(args=_predict_args(settings))
     total = time.perf_counter() - start
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = read_manifest(open_location(args.out))
+    assert manifest is not None, "the export wrote its manifest"
     return {
         "seconds": manifest["run"]["seconds"],
         "total_seconds_with_startup": total,
@@ -418,7 +422,9 @@ def main() -> None:
     parser.add_argument(
         "--repeat", type=int, default=1, help="floor/export pairs to run (the median ratio is reported)"
     )
-    parser.add_argument("--only", default="floor,export", help="phases: floor,export,scaling,writer,reader,load,data")
+    parser.add_argument(
+        "--only", default="floor,export", help="phases: floor,export,scaling,writer,reader,load,data,s3"
+    )
     parser.add_argument("--reader-layer", default="layer_6")
     parser.add_argument("--data-rows", type=int, default=100_000, help="rows of the data phase (and 4x that)")
     parser.add_argument("--num-proc", type=int, default=None, help="data.num_proc of the data phase")
@@ -452,6 +458,8 @@ def main() -> None:
     if ratios:
         report["export_over_floor_each_pair"] = [round(r, 3) for r in ratios]
         report["export_over_floor"] = float(np.median(ratios))
+    if "s3" in phases:
+        report["s3"] = s3_against_local(args, common, workdir)
     if "scaling" in phases:
         # The same games four times over: the same lengths (so the same largest batch), 4x the rows.
         data4 = workdir / f"games-{args.examples}-x4.jsonl"
@@ -502,6 +510,30 @@ def main() -> None:
     print(text)
     if args.json:
         Path(args.json).write_text(text + "\n")
+
+
+def s3_against_local(args, common: dict, workdir: Path) -> dict:
+    """The same export to local disk and to an S3 server on 127.0.0.1 (moto, in this process), back
+    to back, ``--repeat`` pairs; the median ratio is reported."""
+    from tests.s3 import Bucket, start_server
+
+    server, endpoint = start_server()
+    try:
+        bucket = Bucket.create(endpoint, "bench")
+        os.environ.update(bucket.env)  # the export processes find the server through AWS_ENDPOINT_URL
+        pairs = []
+        for _ in range(args.repeat):
+            local = run_phase("export", args, **{**common, "out": str(workdir / "export-local")})
+            remote = run_phase("export", args, **{**common, "out": bucket.url("export")})
+            pairs.append({"local": local, "s3": remote, "ratio": remote["seconds"] / local["seconds"]})
+        ratios = [p["ratio"] for p in pairs]
+        return {
+            "pairs": pairs,
+            "s3_over_local_each_pair": [round(r, 3) for r in ratios],
+            "s3_over_local": float(np.median(ratios)),
+        }
+    finally:
+        server.stop()
 
 
 def _cuda() -> bool:
