@@ -187,7 +187,7 @@ def test_server_gone_mid_run_is_one_line_and_a_rerun_resumes(tmp_path, checkpoin
     assert process.returncode == 1, stderr[-3000:]
     last = stderr.strip().splitlines()[-1]
     assert last.startswith(f"actlightning: error: uploading {bucket.url()}/"), last
-    assert "Could not connect to the endpoint URL" in last
+    assert "failed: EndpointConnectionError: Could not connect to the endpoint URL" in last
     server, _ = start_server(int(endpoint.rsplit(":", 1)[1]))  # back, with what was uploaded
     try:
         for key, value in bucket.env.items():
