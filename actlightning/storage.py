@@ -192,12 +192,14 @@ class RemoteLocation(Location):
         try:
             # A new instance: the environment (AWS_*) is read now, not when some earlier one was made.
             self.fs, self.root = fsspec.core.url_to_fs(url, skip_instance_cache=True, **dict(storage_options or {}))
-        except ImportError as error:
-            raise ConfigError(
-                f"writer.output_dir {self.url}: {first_line(error)} (the `s3` extra installs s3fs: "
-                "pip install 'actlightning[s3]')"
-            ) from None
-        except (ValueError, TypeError) as error:
+        except ImportError as error:  # fsspec names the package: "Install gcsfs to access Google Storage"
+            hint = " (pip install 'actlightning[s3]')" if url.startswith(("s3://", "s3a://")) else ""
+            raise ConfigError(f"writer.output_dir {self.url}: {first_line(error)}{hint}") from None
+        except ValueError as error:
+            if "Protocol not known" in str(error):
+                raise ConfigError(f"writer.output_dir {self.url}: {first_line(error)} to fsspec") from None
+            raise ConfigError(f"writer.storage_options do not suit {self.url}: {first_line(error)}") from None
+        except TypeError as error:  # an option the filesystem does not take
             raise ConfigError(f"writer.storage_options do not suit {self.url}: {first_line(error)}") from None
         self.root = self.root.rstrip("/")
         # Keyed by the URL: a rerun finds (and clears) what a killed run of the same export left.

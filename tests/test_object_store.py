@@ -17,7 +17,7 @@ import torch
 from actlightning.errors import ConfigError
 from actlightning.outputdir import clean_output_dir, inspect_output_dir
 from actlightning.reader import TokenVectors, iter_token_batches, open_export
-from actlightning.storage import RemoteLocation
+from actlightning.storage import RemoteLocation, open_location
 from tests.helpers import REPO, export_args, read_rows, run_main
 from tests.s3 import KEY_ID, SECRET, start_server
 
@@ -231,3 +231,20 @@ def test_staging_folder_too_small_for_the_staged_shards_is_refused(
     assert result.returncode == 2
     assert "writer.staging_dir: 2 shards of about" in result.stderr and "are staged at once" in result.stderr
     assert [n for n in bucket.names() if not n.startswith(".")] == [], "nothing uploaded"
+
+
+def test_unknown_protocol_and_wrong_options_are_named_before_any_weights(tmp_path, checkpoints, games_file, bucket):
+    result = run_main(export_args(checkpoints["gpt2"], games_file, "nosuch://x/y"))
+    assert result.returncode == 2 and "writer.output_dir nosuch://x/y: Protocol not known: nosuch" in result.stderr
+    wrong = {**bucket.options, "no_such_option": 1}
+    result = run_main(
+        [
+            *_s3_args(checkpoints["gpt2"], games_file, bucket, options=False),
+            "--writer.storage_options",
+            json.dumps(wrong),
+        ]
+    )
+    assert result.returncode == 2 and "unexpected keyword argument 'no_such_option'" in result.stderr
+    assert "plan:" not in result.stderr
+    with pytest.raises(ConfigError, match="writer.storage_options is set but writer.output_dir is a local path"):
+        open_location(tmp_path, {"key": "x"})
