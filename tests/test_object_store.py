@@ -248,3 +248,37 @@ def test_unknown_protocol_and_wrong_options_are_named_before_any_weights(tmp_pat
     assert "plan:" not in result.stderr
     with pytest.raises(ConfigError, match="writer.storage_options is set but writer.output_dir is a local path"):
         open_location(tmp_path, {"key": "x"})
+
+
+def test_denied_write_is_one_line_before_any_weights(tmp_path, checkpoints, games_file):
+    """A server that checks credentials (moto with authorization on, in its own process) refuses ours."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        endpoint = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with socket.socket() as client:
+                if client.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.1)
+        options = {"endpoint_url": endpoint, "key": KEY_ID, "secret": SECRET}
+        args = export_args(checkpoints["gpt2"], games_file, "s3://denied/export")
+        result = run_main([*args, "--writer.storage_options", json.dumps(options)])
+    finally:
+        server.terminate()
+        server.wait()
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert "writer.output_dir s3://denied/export is not writable: PermissionError" in last, last
+    assert "plan:" not in result.stderr and SECRET not in result.stderr
