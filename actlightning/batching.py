@@ -7,7 +7,7 @@ ranks take whole shards, so every example is exported exactly once whatever the 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, fields, replace
 from itertools import chain
 from typing import TYPE_CHECKING, Literal
@@ -62,6 +62,50 @@ def index_dtype(count: int) -> type[np.integer]:
     return np.int32 if count < 2**31 else np.int64
 
 
+class BatchViews(Sequence[np.ndarray]):
+    """Batches as slices of one positions array, each made into a view only when accessed.
+
+    A plan of millions of rows keeps 4 bytes a row (its positions) and 16 a batch (where each batch
+    starts and stops), instead of a numpy view object (~120 bytes) per batch. Slicing gives another
+    ``BatchViews`` over the same positions (a shard); ``take`` reorders whole batches.
+    """
+
+    def __init__(self, positions: np.ndarray, starts: np.ndarray, stops: np.ndarray) -> None:
+        self.positions, self.starts, self.stops = positions, starts, stops
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return BatchViews(self.positions, self.starts[index], self.stops[index])
+        return self.positions[self.starts[index] : self.stops[index]]
+
+    def take(self, order: np.ndarray) -> BatchViews:
+        return BatchViews(self.positions, self.starts[order], self.stops[order])
+
+    @classmethod
+    def from_cuts(cls, positions: np.ndarray, cuts: Sequence[int] | np.ndarray) -> BatchViews:
+        """Consecutive batches of ``positions``, cut before each index in ``cuts``."""
+        if not len(positions):
+            return cls(positions, np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
+        bounds = np.concatenate([[0], np.asarray(cuts, dtype=np.int64), [len(positions)]])
+        return cls(positions, bounds[:-1], bounds[1:])
+
+    @classmethod
+    def concatenate(cls, parts: Sequence[BatchViews]) -> BatchViews:
+        """One ``BatchViews`` of all batches of ``parts``, in order (their positions copied into one array)."""
+        if len(parts) == 1:
+            return parts[0]
+        offsets = np.cumsum([0, *(len(p.positions) for p in parts)])
+        empty = np.zeros(0, dtype=np.int64)
+        return cls(
+            np.concatenate([p.positions for p in parts]) if parts else empty,
+            np.concatenate([p.starts + o for p, o in zip(parts, offsets, strict=False)]) if parts else empty,
+            np.concatenate([p.stops + o for p, o in zip(parts, offsets, strict=False)]) if parts else empty,
+        )
+
+
 def length_order(lengths: np.ndarray, descending: bool = False) -> np.ndarray:
     """Stable order of positions by token count (ties keep their input order)."""
     keys = -lengths if descending else lengths
@@ -108,15 +152,13 @@ class BatchPacker:
         return batch
 
 
-def pack_batches(
-    order: np.ndarray, lengths: np.ndarray, batch_size: int, max_tokens: int | None = None
-) -> list[np.ndarray]:
+def pack_batches(order: np.ndarray, lengths: np.ndarray, batch_size: int, max_tokens: int | None = None) -> BatchViews:
     """Consecutive runs of ``order`` as batches (``BatchPacker``). Greedy, so packing the remainder of a
     list from a batch boundary gives the same batches again."""
     if batch_size <= 0:
         raise ConfigError(f"data.batch_size must be a positive integer, got {batch_size}")
     if max_tokens is None:
-        cuts = list(range(batch_size, len(order), batch_size))
+        cuts: Sequence[int] | np.ndarray = np.arange(batch_size, len(order), batch_size)
     else:
         packer, cuts, seen = BatchPacker(batch_size, max_tokens), [], 0
         for position in order:
@@ -124,9 +166,7 @@ def pack_batches(
             if closed is not None:
                 seen += len(closed)
                 cuts.append(seen)
-    # Views into one array: a plan of a billion tokens keeps one copy of its positions, not one
-    # allocation per batch.
-    return np.split(np.asarray(order), cuts) if len(order) else []
+    return BatchViews.from_cuts(np.asarray(order), cuts)
 
 
 def plan_batches(
@@ -137,7 +177,7 @@ def plan_batches(
     descending: bool = False,
     bucket_size: int | None = None,
     batch_order_seed: int | None = None,
-) -> list[np.ndarray]:
+) -> BatchViews:
     """All batches of an export, as positions ``0..len(lengths)-1`` in the order they run.
 
     ``bucket_size`` sorts each run of that many consecutive examples by length and packs it on its
@@ -156,23 +196,26 @@ def plan_batches(
         groups = [positions[length_order(lengths, descending)]]
     else:
         groups = [positions]
-    batches = [batch for group in groups for batch in pack_batches(group, lengths, batch_size, max_tokens)]
+    batches = BatchViews.concatenate([pack_batches(group, lengths, batch_size, max_tokens) for group in groups])
     if batch_order_seed is not None:
-        permutation = np.random.default_rng(batch_order_seed).permutation(len(batches))
-        batches = [batches[i] for i in permutation]
+        batches = batches.take(np.random.default_rng(batch_order_seed).permutation(len(batches)))
     return batches
 
 
-def padding_efficiency(batches: Sequence[np.ndarray], lengths: np.ndarray) -> float:
-    """Real tokens / padded tokens over ``batches`` (1.0 means no padding)."""
-    real = sum(int(lengths[b].sum()) for b in batches)
-    padded = sum(int(lengths[b].max()) * len(b) for b in batches if len(b))
+def padding_efficiency(batches: Iterable[np.ndarray], lengths: np.ndarray) -> float:
+    """Real tokens / padded tokens over ``batches`` (1.0 means no padding); one pass, so a generator will do."""
+    real = padded = 0
+    for batch in batches:
+        if len(batch):
+            batch_lengths = lengths[batch]
+            real += int(batch_lengths.sum())
+            padded += int(batch_lengths.max()) * len(batch)
     return real / padded if padded else 1.0
 
 
 def group_shards(
-    batches: list[np.ndarray], batches_per_shard: int, max_shards: int | None = None
-) -> list[list[np.ndarray]]:
+    batches: Sequence[np.ndarray], batches_per_shard: int, max_shards: int | None = None
+) -> list[Sequence[np.ndarray]]:
     """Consecutive batches grouped into shards of ``batches_per_shard``; keeps at most ``max_shards``.
 
     Every shard but the last is full: the prototype's last shard was one batch short.
@@ -237,7 +280,9 @@ class PlannedBatch:
     last_in_shard: bool
 
 
-def rank_batches(shards: list[list[np.ndarray]], shard_ids: Sequence[int], owned: Sequence[int]) -> list[PlannedBatch]:
+def rank_batches(
+    shards: Sequence[Sequence[np.ndarray]], shard_ids: Sequence[int], owned: Sequence[int]
+) -> list[PlannedBatch]:
     """The batches one rank runs, in order: all batches of each of its shards, shard after shard."""
     planned = []
     for local in owned:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any, cast
@@ -355,9 +355,11 @@ class ActivationDataModule(LightningDataModule):
                 ids = kept
         tokens, lengths = self._tokens(dataset)
         store = TokenTable(tokens, ids, lengths[ids])
-        kept = np.flatnonzero(store.lengths > 0)
-        self._count_removed("empty", kept, len(store))
-        store = store.select(kept) if len(kept) < len(store) else store
+        # Positions are built only when a row is empty (8 bytes a row, at the peak, otherwise).
+        empty = store.lengths == 0
+        self.removed["empty"] = int(empty.sum())
+        store = store.select(np.flatnonzero(~empty)) if self.removed["empty"] else store
+        del empty
         if self.hparams.min_tokens is not None or self.hparams.max_tokens_per_sequence is not None:
             kept = length_range(store.lengths, self.hparams.min_tokens, self.hparams.max_tokens_per_sequence)
             self._count_removed("token_range", kept, len(store))
@@ -464,7 +466,7 @@ class ActivationDataModule(LightningDataModule):
         self.skip_example_ids = skip_example_ids
         self.taken_shard_indices = set(taken_shard_indices or ())
 
-    def plan(self) -> tuple[list[list[np.ndarray]], list[int]]:
+    def plan(self) -> tuple[list[Sequence[np.ndarray]], list[int]]:
         """Shards still to export (positions into ``self.store``) and their indices; identical on every rank.
 
         The plan covers the whole selection, so ``max_shards`` always means the same examples. Resuming
@@ -482,11 +484,12 @@ class ActivationDataModule(LightningDataModule):
             self.hparams.batch_order_seed,
         )
         shards = group_shards(batches, self.batches_per_shard, self.max_shards)
-        self.stats["padding_efficiency"] = round(padding_efficiency([b for s in shards for b in s], lengths), 4)
+        self.stats["padding_efficiency"] = round(padding_efficiency((b for s in shards for b in s), lengths), 4)
         indices = list(range(len(shards)))
         if self.skip_example_ids is not None and len(self.skip_example_ids):
             done = np.isin(store.example_ids, self.skip_example_ids)
-            remaining, kept_indices = [], []
+            remaining: list[Sequence[np.ndarray]] = []
+            kept_indices = []
             for index, shard in zip(indices, shards, strict=True):
                 left = [b[~done[b]] for b in shard]
                 left = [b for b in left if len(b)]

@@ -138,7 +138,7 @@ def token_lengths(tokenized) -> np.ndarray:
     cache = Path(tokenized.cache_files[0]["filename"])
     path = cache.with_name(f"{cache.stem}.lengths.npy")
     if path.exists():
-        return np.load(path)
+        return np.load(path, mmap_mode="r")  # page cache, read once by the selection
     lengths = tokenized.data.column(LENGTH).to_numpy().astype(np.int32)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as handle:

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from actlightning.module import ActivationModule, Prediction
 
 log = logging.getLogger(__name__)
+REMOTE_MANIFEST_SECONDS = 30.0
 
 
 def datamodule_of(trainer: Trainer) -> ActivationDataModule:
@@ -250,13 +251,17 @@ class ParquetShardWriter(BasePredictionWriter):
         shards, _ = datamodule.plan()
         store = datamodule.store
         assert store is not None, "setup() has run"
-        positions = np.concatenate([b for shard in shards for b in shard]) if shards else np.zeros(0, dtype=np.int64)
-        exported = exported_tokens(store.lengths[positions], pl_module.n_pos)
+        # Batch by batch: a list of every batch's positions would cost ~15 bytes a row more at the peak.
+        examples = tokens = 0
+        for shard in shards:
+            for batch in shard:
+                examples += len(batch)
+                tokens += int(exported_tokens(store.lengths[batch], pl_module.n_pos).sum())
         existing = read_manifest(self.location)
         plan.update(
-            examples=len(positions),
-            tokens=int(exported.sum()),
-            estimated_bytes=int(exported.sum()) * per_token,
+            examples=examples,
+            tokens=tokens,
+            estimated_bytes=tokens * per_token,
             estimated_shards=len(shards),
             already_written_bytes=existing["totals"]["bytes"] if existing and not self.overwrite else 0,
         )
@@ -294,6 +299,7 @@ class ParquetShardWriter(BasePredictionWriter):
         if stage != "predict":
             return
         self._lock = threading.Lock()
+        self._manifest_written = 0.0
         datamodule = self._datamodule = datamodule_of(trainer)
         module = cast("ActivationModule", pl_module)
         self.settings = self.export_settings(trainer, module)
@@ -346,12 +352,17 @@ class ParquetShardWriter(BasePredictionWriter):
             extra = {"data": self._datamodule.summary(), **planned, **(extra or {})}
             manifest = build_manifest(self.settings, self._known.values(), complete, extra)
             self.location.write_bytes(MANIFEST, manifest_bytes(manifest))
+            self._manifest_written = time.monotonic()
             return manifest
 
     def _on_shard_done(self, info: ShardInfo) -> None:
         self._known[info.file] = info
         self.shards_done += 1
         self.bytes_done += info.bytes
+        # In a bucket the manifest is one PUT of the whole shard list (and a listing): at most every
+        # REMOTE_MANIFEST_SECONDS while running, always at the end. A resume reads the listing, not it.
+        if self.location.remote and time.monotonic() - self._manifest_written < REMOTE_MANIFEST_SECONDS:
+            return
         self._write_manifest(complete=False)
 
     @override

@@ -154,16 +154,18 @@ def _wait_for_shards(bucket, process: subprocess.Popen, count: int) -> None:
 
 
 def test_killed_s3_export_resumes_to_the_uninterrupted_one(tmp_path, checkpoints, games_file, bucket, monkeypatch):
+    # 20 shards of one batch of 2, each forward slowed down: time enough to kill it in the middle.
+    small = {"data.batch_size": 2, "writer.batches_per_shard": 1}
     local = tmp_path / "local"
-    assert run_main(export_args(checkpoints["gpt2"], games_file, local, **LAYERS)).returncode == 0
+    assert run_main(export_args(checkpoints["gpt2"], games_file, local, **LAYERS, **small)).returncode == 0
     # Credentials from the standard environment, as on a cloud node (no storage_options).
-    args = _s3_args(checkpoints["gpt2"], games_file, bucket, options=False)
+    args = _s3_args(checkpoints["gpt2"], games_file, bucket, options=False, **small)
     process = _start_slow(args, bucket.env)
     _wait_for_shards(bucket, process, 2)
     process.send_signal(signal.SIGKILL)
     process.communicate()
     done = sum(n.endswith(".parquet") for n in bucket.names())
-    assert 2 <= done < 5, "killed in the middle"
+    assert 2 <= done < 20, f"killed in the middle ({done} of 20 shards)"
     for key, value in bucket.env.items():
         monkeypatch.setenv(key, value)
     result = run_main(args)
@@ -177,9 +179,10 @@ def test_server_gone_mid_run_is_one_line_and_a_rerun_resumes(tmp_path, checkpoin
 
     server, endpoint = start_server()
     bucket = Bucket.create(endpoint, "gone")
+    small = {"data.batch_size": 2, "writer.batches_per_shard": 1}  # 20 shards: the server goes mid-run
     local = tmp_path / "local"
-    assert run_main(export_args(checkpoints["gpt2"], games_file, local, **LAYERS)).returncode == 0
-    args = _s3_args(checkpoints["gpt2"], games_file, bucket, options=False)
+    assert run_main(export_args(checkpoints["gpt2"], games_file, local, **LAYERS, **small)).returncode == 0
+    args = _s3_args(checkpoints["gpt2"], games_file, bucket, options=False, **small)
     process = _start_slow(args, bucket.env)
     _wait_for_shards(bucket, process, 1)
     server.stop()
