@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import threading
@@ -464,6 +465,8 @@ class ParquetShardWriter(BasePredictionWriter):
     def _remove_staging(self) -> None:
         if self.location.remote and getattr(self, "_staging", None) is not None:
             shutil.rmtree(self._staging, ignore_errors=True)
+            with contextlib.suppress(OSError):  # other ranks' folders may still be there
+                self._staging.parent.rmdir()
 
     @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:

@@ -80,6 +80,12 @@ def _rss_mb() -> float:
     return 0.0
 
 
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process so far (all its threads)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -207,6 +213,7 @@ def phase_export(args) -> dict:
         "shards": manifest["totals"]["shards"],
         "padding_efficiency": manifest["data"]["padding_efficiency"],
         "peak_rss_mb": _peak_rss_mb(),
+        "cpu_seconds": _cpu_seconds(),
     }
 
 
@@ -556,7 +563,9 @@ def s3_against_local(args, common: dict, workdir: Path) -> dict:
         pairs = []
         for _ in range(args.repeat):
             local = run_phase("export", args, **{**common, "out": str(workdir / "export-local")})
+            server_cpu = _cpu_seconds()  # the S3 server runs on threads of this process
             remote = run_phase("export", args, **{**common, "out": bucket.url("export")})
+            remote["server_cpu_seconds"] = _cpu_seconds() - server_cpu
             pairs.append({"local": local, "s3": remote, "ratio": remote["seconds"] / local["seconds"]})
         ratios = [p["ratio"] for p in pairs]
         return {
