@@ -65,6 +65,10 @@ class ShardInfo:
         with location.open(name) as handle:
             metadata = pq.read_metadata(handle)
             size = handle.seek(0, os.SEEK_END)
+        return cls.from_footer(name, metadata, size)
+
+    @classmethod
+    def from_footer(cls, name: str, metadata: pq.FileMetaData, size: int) -> ShardInfo:
         extra = json.loads(metadata.metadata[SHARD_METADATA_KEY.encode()])
         examples = extra.get("examples", metadata.num_rows)
         return cls(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import shutil
 import threading
 import time
@@ -339,9 +340,11 @@ class ParquetShardWriter(BasePredictionWriter):
 
     def _read_shard(self, name: str) -> tuple[ShardInfo, np.ndarray]:
         """A complete shard's footer and its example ids (one column: a URL fetches only its chunks)."""
-        with self.location.open(name) as handle:
-            ids = pq.read_table(handle, columns=[EXAMPLE_ID]).column(0).to_numpy()
-        return ShardInfo.read(self.location, name), ids
+        with self.location.open(name) as handle:  # one open: the footer is read once
+            parquet = pq.ParquetFile(handle)
+            ids = parquet.read(columns=[EXAMPLE_ID]).column(0).to_numpy()
+            size = handle.seek(0, os.SEEK_END)
+        return ShardInfo.from_footer(name, parquet.metadata, size), ids
 
     def _write_manifest(self, complete: bool, extra: dict | None = None) -> dict:
         with self._lock:
