@@ -95,14 +95,13 @@ class BatchViews(Sequence[np.ndarray]):
     @classmethod
     def concatenate(cls, parts: Sequence[BatchViews]) -> BatchViews:
         """One ``BatchViews`` of all batches of ``parts``, in order (their positions copied into one array)."""
-        if len(parts) == 1:
-            return parts[0]
+        if len(parts) <= 1:  # no parts: an empty selection cut into buckets
+            return parts[0] if parts else cls.from_cuts(np.zeros(0, dtype=np.int64), [])
         offsets = np.cumsum([0, *(len(p.positions) for p in parts)])
-        empty = np.zeros(0, dtype=np.int64)
         return cls(
-            np.concatenate([p.positions for p in parts]) if parts else empty,
-            np.concatenate([p.starts + o for p, o in zip(parts, offsets, strict=False)]) if parts else empty,
-            np.concatenate([p.stops + o for p, o in zip(parts, offsets, strict=False)]) if parts else empty,
+            np.concatenate([p.positions for p in parts]),
+            np.concatenate([p.starts + o for p, o in zip(parts, offsets, strict=False)]),
+            np.concatenate([p.stops + o for p, o in zip(parts, offsets, strict=False)]),
         )
 
 

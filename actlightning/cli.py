@@ -236,7 +236,8 @@ class ActLightningCLI(LightningCLI):
         config = self.config.get(str(self.subcommand), self.config).clone()
         # Credentials stay out of config.yaml: storage_options keep their keys, never their values.
         config["writer.storage_options"] = redact(config.get("writer.storage_options"))
-        config["writer.output_dir"] = writer.output_dir if writer.location.remote else config["writer.output_dir"]
+        if writer.location.remote:  # without a password the URL may have held
+            config["writer.output_dir"] = writer.output_dir
         writer.config_yaml = parser.dump(config, skip_unset=False)
         self.trainer.predict(model, datamodule=datamodule, return_predictions=False)
 

@@ -14,7 +14,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from actlightning.shards import SHARD_PATTERN, ShardInfo
-from actlightning.storage import LocalLocation, Location, as_location
+from actlightning.storage import Location, as_location
 
 MANIFEST = "manifest.json"
 CONFIG = "config.yaml"
@@ -49,25 +49,17 @@ def shard_names(location: Location | Path) -> list[str]:
     return [name for name in as_location(location).names() if SHARD_PATTERN.match(name)]
 
 
-def shard_files(folder: Path) -> list[Path]:
-    """Complete shards in a local ``folder``, in name order."""
-    return [folder / name for name in shard_names(folder)]
-
-
 def read_manifest(location: Location | Path) -> dict | None:
-    location = as_location(location)
-    if MANIFEST not in location.names():
+    """The manifest at ``location``, or ``None`` (one read: no listing of a folder of many shards)."""
+    try:
+        return json.loads(as_location(location).read_text(MANIFEST))
+    except FileNotFoundError:
         return None
-    return json.loads(location.read_text(MANIFEST))
 
 
 def manifest_bytes(payload: Mapping) -> bytes:
+    """``manifest.json``'s contents; ``Location.write_bytes`` writes them whole (temporary file + rename locally)."""
     return (json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n").encode()
-
-
-def write_json_atomic(path: Path, payload: Mapping) -> None:
-    """Write ``payload`` to a temporary file and rename it over ``path``: readers never see half a file."""
-    LocalLocation(path.parent).write_bytes(path.name, manifest_bytes(payload))
 
 
 def build_manifest(

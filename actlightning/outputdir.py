@@ -19,20 +19,21 @@ from actlightning.manifest import (
     REPORT,
     read_manifest,
     settings_differences,
-    shard_names,
 )
-from actlightning.shards import is_tmp_file
+from actlightning.shards import SHARD_PATTERN, is_tmp_file
 from actlightning.storage import Location, as_location
 
 ExportState = Literal["new", "resume", "complete", "overwrite"]
 
 
+def _own(entries: list[str]) -> list[str]:
+    """Which of ``entries`` this tool writes (shards, temporary files, manifest, ...)."""
+    return [n for n in entries if n in (MANIFEST, CONFIG, CARD, REPORT) or is_tmp_file(n) or SHARD_PATTERN.match(n)]
+
+
 def own_files(location: Location | Path) -> list[str]:
-    """Names of the files at ``location`` that this tool wrote (shards, temporary files, manifest, ...)."""
-    location = as_location(location)
-    entries = location.names()
-    own = [n for n in entries if n in (MANIFEST, CONFIG, CARD, REPORT) or is_tmp_file(n)]
-    return own + shard_names(location)
+    """Names of the files at ``location`` that this tool wrote."""
+    return _own(as_location(location).names())
 
 
 def inspect_output_dir(location: Location | Path, settings: dict, overwrite: bool) -> ExportState:
@@ -45,7 +46,7 @@ def inspect_output_dir(location: Location | Path, settings: dict, overwrite: boo
     if not entries:
         return "new"
     if overwrite:
-        foreign = sorted(set(entries) - set(own_files(location)))
+        foreign = sorted(set(entries) - set(_own(entries)))
         if foreign:
             raise ConfigError(
                 f"writer.overwrite would clear {folder}, but it holds files this tool did not write: "
@@ -79,7 +80,7 @@ def clean_output_dir(location: Location | Path, state: ExportState) -> None:
     """Delete this tool's files (``overwrite``) or leftover temporary files (``resume``); make the folder."""
     location = as_location(location)
     # Temporary files are shards a killed run never finished: the plan redoes their examples.
-    names = own_files(location) if state == "overwrite" else [n for n in location.names() if is_tmp_file(n)]
-    for name in names:
+    entries = location.names()
+    for name in _own(entries) if state == "overwrite" else [n for n in entries if is_tmp_file(n)]:
         location.delete(name)
     location.make()

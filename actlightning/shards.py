@@ -56,12 +56,8 @@ class ShardInfo:
     row_groups: int | None = None
 
     @classmethod
-    def read(cls, location: Location | Path, name: str | None = None) -> ShardInfo:
-        """From the footer of shard ``name`` of ``location`` (or of the local file ``location``)."""
-        if isinstance(location, Path):
-            name = location.name
-            location = LocalLocation(location.parent)
-        assert name is not None, "a shard name goes with a location"
+    def read(cls, location: Location, name: str) -> ShardInfo:
+        """From the footer of shard ``name`` of ``location``."""
         with location.open(name) as handle:
             metadata = pq.read_metadata(handle)
             size = handle.seek(0, os.SEEK_END)

@@ -226,6 +226,8 @@ class RemoteLocation(Location):
     def read_bytes(self, name: str) -> bytes:
         try:
             return self.fs.cat_file(self._full(name))
+        except FileNotFoundError:
+            raise  # an absent file is an answer (no manifest yet), not a failure
         except Exception as error:
             raise self._fail("reading", name, error) from error
 

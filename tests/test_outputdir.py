@@ -7,9 +7,10 @@ import pytest
 
 from actlightning.cost import bytes_per_token, exported_tokens
 from actlightning.errors import ConfigError
-from actlightning.manifest import FORMAT_VERSION, MANIFEST, write_json_atomic
+from actlightning.manifest import FORMAT_VERSION, MANIFEST, manifest_bytes
 from actlightning.outputdir import clean_output_dir, inspect_output_dir, own_files
 from actlightning.shards import shard_name, tmp_name
+from actlightning.storage import LocalLocation
 
 SETTINGS = {"model": {"layers": [1]}, "max_shards": None}
 
@@ -17,7 +18,8 @@ SETTINGS = {"model": {"layers": [1]}, "max_shards": None}
 def _export(folder, complete: bool, settings=SETTINGS, version=FORMAT_VERSION):
     folder.mkdir(parents=True, exist_ok=True)
     (folder / shard_name(0, 0)).write_bytes(b"PAR1")
-    write_json_atomic(folder / MANIFEST, {"format_version": version, "complete": complete, "settings": settings})
+    manifest = {"format_version": version, "complete": complete, "settings": settings}
+    LocalLocation(folder).write_bytes(MANIFEST, manifest_bytes(manifest))
 
 
 def test_absent_or_empty_folder_is_new(tmp_path):

@@ -164,3 +164,14 @@ def test_batch_packer_closes_the_same_batches_one_position_at_a_time():
                 streamed.append(closed.tolist())
         streamed.append(packer.flush().tolist())
         assert streamed == [b.tolist() for b in pack_batches(order, lengths, 7, budget)]
+
+
+def test_plan_batches_are_views_into_one_positions_array():
+    """A plan holds one positions array and a start/stop per batch, whatever the bucketing or order."""
+    lengths = np.random.default_rng(0).integers(1, 50, size=100)
+    batches = plan_batches(lengths, 8, bucket_size=16, batch_order_seed=3)
+    assert sorted(np.concatenate(list(batches)).tolist()) == list(range(100))
+    assert all(np.shares_memory(b, batches.positions) for b in batches if len(b))
+    shard = batches[2:5]
+    assert [b.tolist() for b in shard] == [batches[i].tolist() for i in range(2, 5)]
+    assert len(plan_batches(np.zeros(0, dtype=np.int32), 8, bucket_size=16)) == 0

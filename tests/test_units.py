@@ -137,16 +137,17 @@ def test_batch_to_table_round_trips_vectors_bit_exactly(dtype):
 
 
 def test_tmp_files_of_shards_and_manifest_are_recognised(tmp_path):
-    from actlightning.manifest import write_json_atomic
+    from actlightning.manifest import manifest_bytes
     from actlightning.shards import is_tmp_file, shard_name, tmp_name
+    from actlightning.storage import LocalLocation
 
-    assert is_tmp_file(tmp_name(shard_name(3, 1)))
+    assert is_tmp_file(tmp_name(shard_name(3, 1))) and is_tmp_file(".actlightning-write-check.0f3a.tmp")
     assert not is_tmp_file(shard_name(3, 1)) and not is_tmp_file(".hidden.tmp") and not is_tmp_file("manifest.json")
     # A run that dies between writing the manifest and renaming it into place: here the rename fails
     # (the target is a non-empty folder), leaving the written temporary file behind.
     (tmp_path / "manifest.json").mkdir()
     (tmp_path / "manifest.json" / "x").write_text("")
     with pytest.raises(OSError):
-        write_json_atomic(tmp_path / "manifest.json", {"a": 1})
+        LocalLocation(tmp_path).write_bytes("manifest.json", manifest_bytes({"a": 1}))
     leftovers = [p.name for p in tmp_path.iterdir() if p.name != "manifest.json"]
     assert len(leftovers) == 1 and is_tmp_file(leftovers[0]), "a manifest a killed run left half-written is cleaned up"
