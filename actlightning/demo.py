@@ -10,7 +10,7 @@ import argparse
 import json
 import random
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
@@ -66,35 +66,30 @@ def tiny_model(
             bos_token_id=1,
             eos_token_id=2,
         )
-    elif architecture == "llama":
-        config = LlamaConfig(
-            vocab_size=vocab_size,
-            hidden_size=hidden_size,
-            intermediate_size=2 * hidden_size,
-            num_hidden_layers=num_layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=context,
-            bos_token_id=1,
-            eos_token_id=2,
-        )
     else:
-        # Per-layer attention types and tied embeddings: what truncated loading must keep right.
-        config = Qwen2Config(
-            vocab_size=vocab_size,
-            hidden_size=hidden_size,
-            intermediate_size=2 * hidden_size,
-            num_hidden_layers=num_layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=context,
-            bos_token_id=1,
-            eos_token_id=2,
-            tie_word_embeddings=True,
-            use_sliding_window=True,
-            sliding_window=8,
-            max_window_layers=num_layers // 2,
-        )
+        # Llama's settings; Qwen2 shares them.
+        common: dict[str, Any] = {
+            "vocab_size": vocab_size,
+            "hidden_size": hidden_size,
+            "intermediate_size": 2 * hidden_size,
+            "num_hidden_layers": num_layers,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": context,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+        }
+        if architecture == "llama":
+            config = LlamaConfig(**common)
+        else:
+            # Per-layer attention types and tied embeddings: what truncated loading must keep right.
+            config = Qwen2Config(
+                **common,
+                tie_word_embeddings=True,
+                use_sliding_window=True,
+                sliding_window=8,
+                max_window_layers=num_layers // 2,
+            )
     return AutoModelForCausalLM.from_config(config).eval()
 
 

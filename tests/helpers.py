@@ -111,6 +111,14 @@ class Reference:
     def __init__(self, checkpoint: Path) -> None:
         self.tokenizer = AutoTokenizer.from_pretrained(checkpoint)
         self.model = AutoModel.from_pretrained(checkpoint, dtype=torch.float32).eval()
+        self._seen: dict[str, tuple[list[int], list[np.ndarray]]] = {}
+
+    def of(self, text: str) -> tuple[list[int], list[np.ndarray]]:
+        """``text``'s tokens and hidden states, computed once per text (token-layout rows repeat it)."""
+        if text not in self._seen:
+            tokens = self.tokens(text)
+            self._seen[text] = (tokens, self.hidden_states(tokens))
+        return self._seen[text]
 
     def tokens(self, text: str) -> list[int]:
         return self.tokenizer(text)["input_ids"]

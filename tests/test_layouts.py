@@ -37,13 +37,9 @@ def test_token_layout_rows_match_unpadded_forward(tmp_path, checkpoints, games_f
     rows = read_token_rows(out)
     expected_count = sum(min(6, len(reference.tokens(t))) for t in texts)
     assert len(rows) == expected_count
-    cache = {}
     for row in rows:
         example = row["example_id"]
-        if example not in cache:
-            tokens = reference.tokens(texts[example])
-            cache[example] = (tokens, reference.hidden_states(tokens))
-        tokens, hidden = cache[example]
+        tokens, hidden = reference.of(texts[example])
         assert len(tokens) - 6 <= row["position"] < len(tokens)
         assert row["token_id"] == tokens[row["position"]]
         assert row["WhiteElo"] == games[example]["WhiteElo"]

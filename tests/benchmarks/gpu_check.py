@@ -73,13 +73,9 @@ def fidelity(root: Path) -> dict:
             export(checkpoint, data, out, **{"data.padding_side": side, "writer.layout": layout})
             worst = 0.0
             rows = read_rows(out) if layout == "sequence" else read_token_rows(out)
-            cache: dict[int, tuple[list[int], list[np.ndarray]]] = {}
             for row in rows:
                 example = row["example_id"]
-                if example not in cache:
-                    tokens = reference.tokens(texts[example])
-                    cache[example] = (tokens, reference.hidden_states(tokens))
-                tokens, expected = cache[example]
+                tokens, expected = reference.of(texts[example])
                 if layout == "sequence":
                     assert row["input_ids"] == tokens
                     pairs = [(row[n], expected[int(n[6:])]) for n in row if n.startswith("layer_")]
