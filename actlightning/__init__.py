@@ -9,15 +9,15 @@ __version__ = "0.1.0"
 # Loaded on first use: `import actlightning.reader` (in every DataLoader worker of an SAE training
 # script) must not pay for Lightning and transformers.
 _LAZY = {
-    "ActivationDataModule": "actlightning.data",
-    "ActivationModule": "actlightning.module",
-    "ParquetShardWriter": "actlightning.writer",
+    "ActivationDataModule": "actlightning.data.module",
+    "ActivationModule": "actlightning.model.module",
+    "ParquetShardWriter": "actlightning.writer.callback",
 }
 
 if TYPE_CHECKING:
-    from actlightning.data import ActivationDataModule
-    from actlightning.module import ActivationModule
-    from actlightning.writer import ParquetShardWriter
+    from actlightning.data.module import ActivationDataModule
+    from actlightning.model.module import ActivationModule
+    from actlightning.writer.callback import ParquetShardWriter
 
 
 def __getattr__(name: str) -> object:

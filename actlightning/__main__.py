@@ -19,7 +19,7 @@ def run() -> None:
     handler = signal.getsignal(signal.SIGINT)
     if handler is signal.default_int_handler:
         signal.signal(signal.SIGINT, _interrupted_while_starting)
-    from actlightning.cli import main
+    from actlightning.face.cli import main
 
     signal.signal(signal.SIGINT, handler)
     main()

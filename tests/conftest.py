@@ -12,7 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from actlightning.demo import chess_games, save_checkpoint
+from actlightning.face.demo import chess_games, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -14,8 +14,8 @@ import pyarrow.parquet as pq
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-from actlightning.cli import ActLightningCLI, main
-from actlightning.reader import column_vectors, stored_dtype, to_torch
+from actlightning.face.cli import ActLightningCLI, main
+from actlightning.read.reader import column_vectors, stored_dtype, to_torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -48,7 +48,7 @@ def run_export(*args, **kwargs) -> None:
 
 
 def run_main(args: list[str]) -> subprocess.CompletedProcess:
-    """Run ``actlightning ARGS`` in this process through ``actlightning.cli.main``, as the console
+    """Run ``actlightning ARGS`` in this process through ``actlightning.face.cli.main``, as the console
     script does: the exit code, stdout and stderr come back as from a subprocess (without the ~5 s
     of imports a new interpreter pays)."""
     out, err = io.StringIO(), io.StringIO()

@@ -5,7 +5,7 @@ import sys
 import time
 
 from actlightning.__main__ import run
-from actlightning.capture import HiddenStateCapture
+from actlightning.model.capture import HiddenStateCapture
 
 _forward = HiddenStateCapture.__call__
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from datasets import Dataset
 
-from actlightning.cli import main
+from actlightning.face.cli import main
 from tests.helpers import REPO, export_args, read_rows, run_cli, run_main
 
 NO_DIR = "absent"
@@ -209,7 +209,7 @@ def test_float16_overflow_stops_with_layer_and_count(tmp_path, huge_checkpoint, 
 
 
 def test_nan_activations_are_reported_never_written(tmp_path, checkpoints, games_file, monkeypatch, capsys):
-    from actlightning.capture import HiddenStateCapture
+    from actlightning.model.capture import HiddenStateCapture
 
     original = HiddenStateCapture.__call__
 

@@ -12,8 +12,8 @@ from datasets import List, Value, load_dataset
 from torch.utils.data import DataLoader
 from transformers import AutoModel
 
-from actlightning.capture import HiddenStateCapture, find_blocks
-from actlightning.reader import TokenVectors, iter_token_batches, open_export
+from actlightning.model.capture import HiddenStateCapture, find_blocks
+from actlightning.read.reader import TokenVectors, iter_token_batches, open_export
 from tests.helpers import Reference, read_rows, read_token_rows, run_export
 
 
@@ -145,7 +145,7 @@ def test_forward_stops_after_the_deepest_hooked_block(checkpoints):
     calls = []
     for i, block in enumerate(blocks):
         block.register_forward_hook(lambda m, a, o, i=i: calls.append(i))
-    from actlightning.capture import resolve_hook_points
+    from actlightning.model.capture import resolve_hook_points
 
     names = [n for n, _ in model.named_modules()]
     capture = HiddenStateCapture(
@@ -227,7 +227,7 @@ def test_token_vectors_workers_cover_every_token_once(tmp_path, checkpoints, gam
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_read_shard_vectors_gives_each_rows_vectors_in_the_stored_dtype(tmp_path, checkpoints, games_file, dtype):
-    from actlightning.reader import read_shard_vectors
+    from actlightning.read.reader import read_shard_vectors
 
     out = tmp_path / "out"
     run_export(checkpoints["gpt2"], games_file, out, **{"model.output_dtype": dtype, "model.layers": "[2]"})

@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from actlightning.cost import bytes_per_token, exported_tokens
 from actlightning.errors import ConfigError
-from actlightning.manifest import FORMAT_VERSION, MANIFEST, manifest_bytes
-from actlightning.outputdir import clean_output_dir, inspect_output_dir, own_files
-from actlightning.shards import shard_name, tmp_name
-from actlightning.storage import LocalLocation
+from actlightning.files.manifest import FORMAT_VERSION, MANIFEST, manifest_bytes
+from actlightning.files.shard_file import shard_name, tmp_name
+from actlightning.files.storage import LocalLocation
+from actlightning.writer.cost import bytes_per_token, exported_tokens
+from actlightning.writer.outputdir import clean_output_dir, inspect_output_dir
 
 SETTINGS = {"model": {"layers": [1]}, "max_shards": None}
 
@@ -56,9 +56,10 @@ def test_overwrite_and_resume_delete_only_what_they_should(tmp_path):
     folder = tmp_path / "out"
     _export(folder, complete=False)
     (folder / tmp_name(shard_name(1, 0))).write_bytes(b"half")
-    assert sorted(own_files(folder)) == sorted([MANIFEST, tmp_name(shard_name(1, 0)), shard_name(0, 0)])
+    (folder / "notes.txt").write_text("mine")
     clean_output_dir(folder, "resume")
-    assert sorted(p.name for p in folder.iterdir()) == sorted([MANIFEST, shard_name(0, 0)])
+    assert sorted(p.name for p in folder.iterdir()) == sorted([MANIFEST, "notes.txt", shard_name(0, 0)])
+    (folder / "notes.txt").unlink()
     assert inspect_output_dir(folder, {"other": 1}, overwrite=True) == "overwrite"
     clean_output_dir(folder, "overwrite")
     assert list(folder.iterdir()) == []

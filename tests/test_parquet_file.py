@@ -9,11 +9,12 @@ import pytest
 import torch
 from datasets import List, Value
 
-from actlightning import parquet_file
-from actlightning.module import Prediction
-from actlightning.parquet_file import VectorParquetWriter, decode_struct, encode_struct
-from actlightning.schema import batch_to_table, build_features, build_schema
-from actlightning.shards import ShardFile, parquet_options
+from actlightning.contracts import Prediction
+from actlightning.files import pages
+from actlightning.files.schema import batch_to_table, build_features, build_schema
+from actlightning.files.shard_file import ShardFile, parquet_options
+from actlightning.files.thrift import decode_struct, encode_struct
+from actlightning.files.vector_parquet import VectorParquetWriter, vector_leaves
 
 WIDTHS = {"layer_0": 7, "layer_2": 1, "hook_blocks.0.mlp": 33}
 
@@ -71,11 +72,11 @@ def _write_both(tmp_path, schema, tables, compression="none"):
 @pytest.mark.parametrize("layout", ["sequence", "token"])
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 def test_direct_file_reads_back_equal_to_pyarrows(tmp_path, monkeypatch, dtype, layout):
-    monkeypatch.setattr(parquet_file, "PAGE_BYTES", 512)  # many pages per column chunk, rows never split
+    monkeypatch.setattr(pages, "PAGE_BYTES", 512)  # many pages per column chunk, rows never split
     chunks = _count_direct_chunks(monkeypatch)
     schema, tables = _batches(dtype, layout)
     writer, direct, arrow = _write_both(tmp_path, schema, tables)
-    assert writer.fast_columns == list(WIDTHS)
+    assert list(vector_leaves(schema, writer.options)) == list(WIDTHS)
     assert len(chunks) == len(WIDTHS) * len(tables), "every vector chunk went the direct way"
     assert direct.schema.equals(schema)
     assert [f.metadata for f in direct.schema] == [f.metadata for f in schema]  # bfloat16 marker etc.
@@ -113,14 +114,14 @@ def test_other_shapes_fall_back_to_pyarrow(tmp_path, monkeypatch):
     empty_row = pa.table({"example_id": [5], "layer_0": [[]]}, schema=schema)
     options = {"compression": "none", "data_page_version": "2.0"}
     writer = VectorParquetWriter(tmp_path / "mixed.parquet", schema, options)
-    assert writer.fast_columns == ["layer_0"]
+    assert list(vector_leaves(schema, options)) == ["layer_0"]
     for table in (good, null, ragged, empty_row):
         writer.write_table(table)
     writer.close()
     assert pq.read_table(tmp_path / "mixed.parquet").equals(pa.concat_tables([good, null, ragged, empty_row]))
 
     # A row too large for one 32-bit page goes to pyarrow, which may split it.
-    monkeypatch.setattr(parquet_file, "MAX_PAGE_BYTES", 12)
+    monkeypatch.setattr(pages, "MAX_PAGE_BYTES", 12)
     big = pa.table({"example_id": [6], "layer_0": [[[1.0, 2.0], [3.0, 4.0]]]}, schema=schema)  # 16 bytes
     small = pa.table({"example_id": [7, 8], "layer_0": [[[1.0, 2.0]], [[5.0, 6.0]]]}, schema=schema)  # 8 bytes a row
     direct = _count_direct_chunks(monkeypatch)
@@ -137,7 +138,7 @@ def test_other_shapes_fall_back_to_pyarrow(tmp_path, monkeypatch):
     )
     table = pa.table({"a": [[[1.0, 2.0]]], "b": [[3.0, 4.0]], "c": [[5.0]]}, schema=shapes)
     writer = VectorParquetWriter(tmp_path / "shapes.parquet", shapes, options)
-    assert writer.fast_columns == ["b"]
+    assert list(vector_leaves(shapes, options)) == ["b"]
     writer.write_table(table)
     writer.close()
     assert pq.read_table(tmp_path / "shapes.parquet").equals(table)
@@ -164,7 +165,17 @@ def test_thrift_footer_reencodes_byte_for_byte(tmp_path):
 
 def _random_struct(rng: np.random.Generator, depth: int = 0) -> dict:
     """A random Thrift struct of every type the codec handles (no booleans inside lists: Parquet has none)."""
-    from actlightning.parquet_file import T_BINARY, T_BYTE, T_DOUBLE, T_I16, T_I32, T_I64, T_LIST, T_STRUCT, T_TRUE
+    from actlightning.files.thrift import (
+        T_BINARY,
+        T_BYTE,
+        T_DOUBLE,
+        T_I16,
+        T_I32,
+        T_I64,
+        T_LIST,
+        T_STRUCT,
+        T_TRUE,
+    )
 
     def value(kind: int):
         if kind == T_TRUE:
@@ -250,7 +261,7 @@ def _polars_column(path, name: str, layout: str, dtype: str) -> np.ndarray:
 
 
 def _exported(tables: list[pa.Table], name: str, dtype: str) -> np.ndarray:
-    from actlightning.reader import column_vectors
+    from actlightning.read.reader import column_vectors
 
     vectors, _ = column_vectors(pa.concat_tables(tables).column(name))
     return vectors.reshape(-1) if dtype == "bfloat16" else vectors.reshape(-1).astype(np.float32)
@@ -261,7 +272,7 @@ def _exported(tables: list[pa.Table], name: str, dtype: str) -> np.ndarray:
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 def test_independent_readers_read_every_dtype_layout_and_codec(tmp_path, monkeypatch, dtype, layout, codec):
     """pyarrow, DuckDB and polars read the direct writer's files bit for bit (values compared exactly)."""
-    monkeypatch.setattr(parquet_file, "PAGE_BYTES", 512)  # several compressed pages per chunk
+    monkeypatch.setattr(pages, "PAGE_BYTES", 512)  # several compressed pages per chunk
     chunks = _count_direct_chunks(monkeypatch)
     schema, tables = _batches(dtype, layout)
     writer, direct, arrow = _write_both(tmp_path, schema, tables, compression=codec)

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-import actlightning.data
-from actlightning.capture import HiddenStateCapture
+import actlightning.data.module
+from actlightning.model.capture import HiddenStateCapture
 from tests.helpers import assert_rows_match_reference, read_rows, run_export
 
 
@@ -125,7 +125,7 @@ def test_out_of_memory_batch_is_split_and_retried_never_dropped(tmp_path, checkp
 
 @pytest.mark.parametrize("budget", [False, True])
 def test_batch_size_search_finds_largest_fitting_size(tmp_path, checkpoints, games_file, monkeypatch, budget):
-    monkeypatch.setattr(actlightning.data, "batch_size_search_applies", lambda device: True)
+    monkeypatch.setattr(actlightning.data.module, "batch_size_search_applies", lambda device: True)
     seen = _oom_above(monkeypatch, 5)
     settings = {"data.batch_size": 32, "data.auto_find_batch_size": "true", "model.layers": "[1]"}
     if budget:

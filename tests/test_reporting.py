@@ -12,9 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 from datasets import load_dataset
 
-from actlightning.cli import main
-from actlightning.report import NormStats, collect, render
-from actlightning.report import main as report_main
+from actlightning.face.cli import main
+from actlightning.read.report import NormStats, collect, render
+from actlightning.read.report import main as report_main
 from tests.helpers import export_args, run_export, run_main
 
 

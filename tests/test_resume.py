@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from actlightning.shards import ShardFile, ShardWriteError
+from actlightning.files.shard_file import ShardFile, ShardWriteError
 from tests.helpers import REPO, export_args, read_rows, run_cli, run_export, run_main
 
 

@@ -14,8 +14,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import actlightning.tokens
-from actlightning.stream import StreamCounts, stream_shards
+import actlightning.data.tokens
+from actlightning.contracts import DataCounts
+from actlightning.data.stream import stream_shards
 from tests.helpers import REPO, assert_rows_match_reference, export_args, read_rows, run_cli, run_export, run_main
 
 
@@ -33,13 +34,13 @@ def _texts(games_file) -> dict[int, str]:
 def count_tokenizing(monkeypatch) -> list[int]:
     """Rows the cached tokenization maps (0 on a cache hit)."""
     calls = []
-    original = actlightning.tokens._tokenize_batch
+    original = actlightning.data.tokens._tokenize_batch
 
     def counting(texts, tokenizer):
         calls.append(len(texts))
         return original(texts, tokenizer)
 
-    monkeypatch.setattr(actlightning.tokens, "_tokenize_batch", counting)
+    monkeypatch.setattr(actlightning.data.tokens, "_tokenize_batch", counting)
     return calls
 
 
@@ -107,13 +108,13 @@ def test_streaming_and_cached_exports_equal_the_in_memory_plan(tmp_path, checkpo
 @pytest.mark.parametrize(("bucket_size", "budget"), [(10, 90), (None, 90), (None, None), (7, None)])
 def test_stream_shards_cut_windows_like_the_plan(bucket_size, budget):
     """Without bucket_size a token-budget batch may span two windows: it must still match the plan."""
-    from actlightning.batching import group_shards, plan_batches
+    from actlightning.data.batching import group_shards, plan_batches
 
     rng = np.random.default_rng(0)
     lengths = rng.integers(1, 40, size=53)
     examples = ((i, np.arange(n), {"row": i}) for i, n in enumerate(lengths))
     labels = pa.schema([("row", pa.int64())])
-    shards = list(stream_shards(examples, 4, budget, bucket_size, True, 3, None, labels, StreamCounts()))
+    shards = list(stream_shards(examples, 4, budget, bucket_size, True, 3, None, labels, DataCounts()))
     planned = group_shards(plan_batches(lengths, 4, budget, bucket_size=bucket_size, descending=True), 3)
     assert [index for index, _ in shards] == list(range(len(planned)))
     for (_, batches), expected in zip(shards, planned, strict=True):
@@ -228,12 +229,12 @@ def test_read_only_dataset_folder_caches_tokens_in_the_datasets_cache(tmp_path, 
     before = sorted(p.name for p in folder.iterdir())
     real_access = os.access
     monkeypatch.setattr(
-        actlightning.tokens.os,
+        actlightning.data.tokens.os,
         "access",
         lambda p, mode: False if str(p).startswith(str(folder)) else real_access(p, mode),
     )
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
-    tokens = actlightning.tokens.tokenize_dataset(
+    tokens = actlightning.data.tokens.tokenize_dataset(
         load_from_disk(folder), "text", AutoTokenizer.from_pretrained(checkpoints["gpt2"])
     )
     assert tokens["length"] == [4, 9, 0]
@@ -254,7 +255,7 @@ def test_several_tokenizing_processes_give_the_same_cache(tmp_path, checkpoints,
         folder = tmp_path / f"data-{num_proc}"
         Dataset.from_dict({"text": texts}).save_to_disk(folder)
         monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / f"cache-{num_proc}")
-        tokens = actlightning.tokens.tokenize_dataset(load_from_disk(folder), "text", tokenizer, num_proc=num_proc)
+        tokens = actlightning.data.tokens.tokenize_dataset(load_from_disk(folder), "text", tokenizer, num_proc=num_proc)
         results[num_proc] = (tokens["input_ids"], tokens["length"], len(tokens.cache_files))
     assert results[2][:2] == results[None][:2]
     assert results[None][:2][0][0] == tokenizer(texts[0])["input_ids"]
@@ -262,6 +263,6 @@ def test_several_tokenizing_processes_give_the_same_cache(tmp_path, checkpoints,
 
 
 def _texts_list(count: int) -> list[str]:
-    from actlightning.demo import chess_games
+    from actlightning.face.demo import chess_games
 
     return [game["Transcript"] for game in chess_games(count, seed=9, min_moves=1, max_moves=20)]

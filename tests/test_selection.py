@@ -8,8 +8,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from actlightning.batching import assign_shards, find_batch_size, pack_batches, padding_efficiency, plan_batches
-from actlightning.filters import drop_prefixes, length_range, shuffle_and_limit
+from actlightning.data.batching import assign_shards, pack_batches, padding_efficiency, plan_batches
+from actlightning.data.collate import find_batch_size
+from actlightning.data.filters import drop_prefixes, length_range, shuffle_and_limit
 
 
 def _brute_force_prefixes(inputs):
@@ -21,7 +22,7 @@ def _first_occurrences(inputs):
 
 
 def test_dedupe_keeps_first_occurrence_in_order():
-    from actlightning.tokens import dedupe_rows
+    from actlightning.data.tokens import dedupe_rows
 
     inputs = ["b", "a", "b", "", "é", "a", "", "é"]
     assert dedupe_rows(_arrow(inputs), np.arange(len(inputs))).tolist() == [0, 1, 3, 4]
@@ -134,7 +135,7 @@ def _arrow(values):
 @pytest.mark.parametrize("chunk_rows", [2, 65536])
 def test_arrow_side_selection_matches_the_in_memory_functions(monkeypatch, chunk_rows):
     """dedupe_rows / drop_prefix_rows (memory-mapped columns, bounded chunks) agree with the reference."""
-    import actlightning.tokens as tokens
+    import actlightning.data.tokens as tokens
 
     monkeypatch.setattr(tokens, "_CHUNK_ROWS", chunk_rows)
     rng = random.Random(1)
@@ -150,7 +151,7 @@ def test_arrow_side_selection_matches_the_in_memory_functions(monkeypatch, chunk
 
 
 def test_batch_packer_closes_the_same_batches_one_position_at_a_time():
-    from actlightning.batching import BatchPacker
+    from actlightning.data.batching import BatchPacker
 
     rng = np.random.default_rng(3)
     for _ in range(50):

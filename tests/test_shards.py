@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from actlightning.parquet_file import VectorParquetWriter
+from actlightning.files.vector_parquet import VectorParquetWriter
 from tests.helpers import read_rows, run_export
 
 

@@ -9,8 +9,9 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModel
 
-from actlightning.capture import HookPoint, blocks_needed
-from actlightning.module import ActivationModule, truncated_config
+from actlightning.model.capture import HookPoint, blocks_needed
+from actlightning.model.loading import truncated_config
+from actlightning.model.module import ActivationModule
 from tests.helpers import Reference, read_rows, read_token_rows, run_export
 
 # Per architecture: a hook point inside block 1, and the final norm (outside the blocks).

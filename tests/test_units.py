@@ -7,20 +7,13 @@ import pyarrow as pa
 import pytest
 import torch
 
-from actlightning.batching import (
-    PlannedBatch,
-    TokenStore,
-    assign_shards,
-    chunk_batches,
-    collate,
-    group_shards,
-    length_order,
-    rank_batches,
-)
-from actlightning.capture import resolve_layers
-from actlightning.module import Prediction, select_tokens
-from actlightning.reader import column_vectors, to_torch
-from actlightning.schema import batch_to_table, build_features, build_schema
+from actlightning.contracts import PlannedBatch, Prediction
+from actlightning.data.batching import BatchViews, assign_shards, group_shards, length_order, rank_batches
+from actlightning.data.collate import TokenStore, collate
+from actlightning.files.schema import batch_to_table, build_features, build_schema
+from actlightning.model.capture import resolve_layers
+from actlightning.model.forward import select_tokens
+from actlightning.read.reader import column_vectors, to_torch
 
 
 def test_resolve_layers_normalizes_negatives_and_sorts():
@@ -56,7 +49,7 @@ def test_select_tokens_keeps_last_n_real_tokens(padding_side):
 def test_token_table_selects_reorders_and_reads_truncated_tokens():
     import pyarrow as pa
 
-    from actlightning.tokens import TokenTable
+    from actlightning.data.tokens import TokenTable
 
     column = pa.chunked_array([pa.array([[1, 2, 3], [4]]), pa.array([[5, 6]])])
     table = TokenTable(column, np.array([0, 1, 2], dtype=np.int32), np.array([2, 1, 2], dtype=np.int32))
@@ -73,7 +66,7 @@ def test_length_order_is_stable_both_ways():
 
 
 def test_chunks_and_shards_keep_every_example_and_full_shards():
-    batches = chunk_batches(10, 3)
+    batches = BatchViews.from_cuts(np.arange(10), [3, 6, 9])
     assert [b.tolist() for b in batches] == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9]]
     shards = group_shards(batches, 3)
     assert [len(s) for s in shards] == [3, 1]
@@ -137,9 +130,9 @@ def test_batch_to_table_round_trips_vectors_bit_exactly(dtype):
 
 
 def test_tmp_files_of_shards_and_manifest_are_recognised(tmp_path):
-    from actlightning.manifest import manifest_bytes
-    from actlightning.shards import is_tmp_file, shard_name, tmp_name
-    from actlightning.storage import LocalLocation
+    from actlightning.files.manifest import manifest_bytes
+    from actlightning.files.shard_file import is_tmp_file, shard_name, tmp_name
+    from actlightning.files.storage import LocalLocation
 
     assert is_tmp_file(tmp_name(shard_name(3, 1))) and is_tmp_file(".actlightning-write-check.0f3a.tmp")
     assert not is_tmp_file(shard_name(3, 1)) and not is_tmp_file(".hidden.tmp") and not is_tmp_file("manifest.json")

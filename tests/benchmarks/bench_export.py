@@ -42,7 +42,7 @@ sys.path.insert(0, str(REPO))
 
 def build_assets(workdir: Path, examples: int, hidden_size: int = 768, seed: int = 0) -> tuple[Path, Path]:
     """A GPT-2-small-shaped checkpoint (12 layers) and ``examples`` chess games with log-normal lengths."""
-    from actlightning.demo import _random_move, save_checkpoint
+    from actlightning.face.demo import _random_move, save_checkpoint
 
     model_dir = workdir / f"gpt2-12x{hidden_size}-chess"
     if not (model_dir / "config.json").exists():
@@ -120,7 +120,7 @@ class RssKinds:
 
 
 def _data_module(model_dir: Path, data: Path, args) -> object:
-    from actlightning.data import ActivationDataModule
+    from actlightning.data.module import ActivationDataModule
 
     dm = ActivationDataModule(
         path="json",
@@ -140,7 +140,7 @@ def phase_floor(args) -> dict:
     import torch
     from transformers import AutoModel
 
-    from actlightning.batching import collate, rank_batches
+    from actlightning.data.batching import collate, rank_batches
 
     model_dir, data = Path(args.model_dir), Path(args.data)
     if args.mmap_threshold:
@@ -172,9 +172,9 @@ def phase_floor(args) -> dict:
 
 def phase_export(args) -> dict:
     """The full export through the real CLI."""
-    from actlightning.cli import ActLightningCLI
-    from actlightning.manifest import read_manifest
-    from actlightning.storage import open_location
+    from actlightning.face.cli import ActLightningCLI
+    from actlightning.files.manifest import read_manifest
+    from actlightning.files.storage import open_location
 
     settings = {
         "model.checkpoint": args.model_dir,
@@ -222,9 +222,9 @@ def phase_writer(args) -> dict:
     import pyarrow as pa  # noqa: F401
     import torch
 
-    from actlightning.module import Prediction
-    from actlightning.schema import batch_to_table, build_features, build_schema
-    from actlightning.shards import ShardWriterPool, parquet_options
+    from actlightning.files.schema import batch_to_table, build_features, build_schema
+    from actlightning.files.shard_file import ShardWriterPool, parquet_options
+    from actlightning.model.module import Prediction
 
     hidden, layers, rows, length = 768, 13 if args.layers == "all" else len(args.layers.split(",")), 16, 256
     columns = [f"layer_{i}" for i in range(layers)]
@@ -267,7 +267,7 @@ def phase_writer(args) -> dict:
 
 def phase_reader(args) -> dict:
     """Read one layer's token vectors back from the export with the streaming reader."""
-    from actlightning.reader import iter_token_batches
+    from actlightning.read.reader import iter_token_batches
 
     start = time.perf_counter()
     tokens = nbytes = 0
@@ -280,7 +280,7 @@ def phase_reader(args) -> dict:
 
 def phase_load(args) -> dict:
     """Load the model as an export does (configure_model) and measure time and peak host memory."""
-    from actlightning.module import ActivationModule
+    from actlightning.model.module import ActivationModule
 
     layers = None if args.layers == "all" else [int(x) for x in args.layers.split(",")]
     module = ActivationModule(args.model_dir, layers=layers)
@@ -311,7 +311,7 @@ def build_data_rows(workdir: Path, rows: int, seed: int = 0) -> Path:
         return path
     import random
 
-    from actlightning.demo import _random_move
+    from actlightning.face.demo import _random_move
 
     rng = random.Random(seed)
     moves = [_random_move(rng) for _ in range(4096)]
@@ -364,7 +364,7 @@ def phase_tokenizer(args) -> dict:
 
 def phase_data(args) -> dict:
     """The data side of an export through the real CLI, up to the plan (``writer.dry_run``)."""
-    from actlightning.cli import ActLightningCLI
+    from actlightning.face.cli import ActLightningCLI
 
     settings = {
         **_parquet_data(args),
@@ -382,7 +382,7 @@ def phase_data(args) -> dict:
 def phase_stream_first_batch(args) -> dict:
     """Seconds from start to the first batch of a streaming export (the model loaded, one shard)."""
     from actlightning import stream
-    from actlightning.cli import ActLightningCLI
+    from actlightning.face.cli import ActLightningCLI
 
     start = time.perf_counter()
     first = {}

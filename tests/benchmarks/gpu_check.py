@@ -30,8 +30,8 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from actlightning.cli import ActLightningCLI  # noqa: E402
-from actlightning.demo import chess_games, save_checkpoint  # noqa: E402
+from actlightning.face.cli import ActLightningCLI  # noqa: E402
+from actlightning.face.demo import chess_games, save_checkpoint  # noqa: E402
 from tests.helpers import Reference, read_rows, read_token_rows  # noqa: E402
 
 # A dry run of the script's logic works on a machine without CUDA, too.

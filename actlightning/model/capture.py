@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from actlightning.errors import ActivationError, ConfigError
-from actlightning.schema import HOOK_PREFIX, layer_column
+from actlightning.files.schema import HOOK_PREFIX, layer_column
 
 
 class _StopForward(Exception):

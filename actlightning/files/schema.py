@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -20,7 +20,7 @@ from actlightning.errors import ActivationError
 if TYPE_CHECKING:
     from datasets import Features
 
-    from actlightning.module import Prediction
+from actlightning.contracts import Layout, Prediction, StorageDtype
 
 EXAMPLE_ID = "example_id"
 INPUT_IDS = "input_ids"
@@ -32,8 +32,6 @@ HOOK_PREFIX = "hook_"
 VECTOR_PREFIXES = (LAYER_PREFIX, HOOK_PREFIX)
 BASE_COLUMNS = (EXAMPLE_ID, INPUT_IDS, START_POSITION, POSITION, TOKEN_ID)
 
-StorageDtype = Literal["float32", "float16", "bfloat16"]
-Layout = Literal["sequence", "token"]
 TORCH_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "float16": torch.float16,

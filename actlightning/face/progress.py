@@ -15,20 +15,23 @@ class TokenProgressBar(TQDMProgressBar):
     """Lightning's TQDM bar for ``predict``, whose total and position are this rank's tokens."""
 
     def _writer(self, trainer):
-        from actlightning.writer import ParquetShardWriter
+        from actlightning.writer.callback import ParquetShardWriter  # the face may import any stage
 
         return next((c for c in trainer.callbacks if isinstance(c, ParquetShardWriter)), None)
 
     @override
     def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        first = self._current_eval_dataloader_idx != dataloader_idx
-        super().on_predict_batch_start(trainer, pl_module, batch, batch_idx, dataloader_idx)
-        if first:
-            bar = self.predict_progress_bar
-            bar.reset(total=int(trainer.datamodule.stats.get("planned_tokens_this_rank", 0)) or None)
-            bar.unit, bar.unit_scale = "tok", True
-            bar.set_description("Exporting")
-            self._tokens = 0
+        # The first batch (re)starts the bar, counted in this rank's planned tokens (unknown: 0).
+        if not self.has_dataloader_changed(dataloader_idx):
+            return
+        writer = self._writer(trainer)
+        total = writer.plan.data.planned_tokens_this_rank if writer is not None and writer.plan is not None else 0
+        bar = self.predict_progress_bar
+        bar.reset(total=int(total) or None)
+        bar.unit, bar.unit_scale = "tok", True
+        bar.set_description("Exporting")
+        self._tokens = 0
+        self._started = True
 
     @override
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -51,7 +54,7 @@ class TokenProgressBar(TQDMProgressBar):
     def on_predict_end(self, trainer, pl_module) -> None:
         # The writer finished its last shards in on_predict_epoch_end: show the final counts.
         writer = self._writer(trainer)
-        if writer is not None and not self.is_disabled and self._predict_progress_bar is not None:
+        if writer is not None and not self.is_disabled and getattr(self, "_started", False):
             self._show_written(writer)
             self.predict_progress_bar.refresh()
         super().on_predict_end(trainer, pl_module)

@@ -22,6 +22,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from actlightning.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 TOKENS, LENGTH = "input_ids", "length"
@@ -93,8 +95,10 @@ def tokenize_dataset(dataset, input_column: str, tokenizer: object, num_proc: in
     """
     from datasets import Features, List, Value
 
+    # upstream: datasets keeps a Dataset's fingerprint in a private attribute (no public accessor).
+    fingerprint = getattr(dataset, "_fingerprint")  # noqa: B009
     key = hashlib.sha256(
-        "|".join([_CACHE_VERSION, dataset._fingerprint, input_column, tokenizer_fingerprint(tokenizer)]).encode()
+        "|".join([_CACHE_VERSION, fingerprint, input_column, tokenizer_fingerprint(tokenizer)]).encode()
     ).hexdigest()[:16]
     features = Features({TOKENS: List(Value("int32")), LENGTH: Value("int32")})
     kwargs = dict(
@@ -194,7 +198,7 @@ def drop_prefix_rows(column: pa.ChunkedArray, positions: np.ndarray) -> np.ndarr
     next *different* value decides. Pre-tokenized columns fall back to ``filters.drop_prefixes`` on
     tuples held in memory.
     """
-    from actlightning.filters import drop_prefixes
+    from actlightning.data.filters import drop_prefixes
 
     selected = column.take(pa.array(positions, type=pa.int64()))
     if not (pa.types.is_string(selected.type) or pa.types.is_large_string(selected.type)):
@@ -216,3 +220,14 @@ def drop_prefix_rows(column: pa.ChunkedArray, positions: np.ndarray) -> np.ndarr
             if next_value is not None and len(next_value) > len(value) and next_value.startswith(value):
                 dropped[position] = True
     return positions[~dropped]
+
+
+def load_tokenizer(name: str | None, revision: str | None) -> Any:
+    """The model's tokenizer (``data.tokenizer``, which the CLI links to ``model.checkpoint``)."""
+    from transformers import AutoTokenizer
+
+    from actlightning.pretrained import load_pretrained
+
+    if name is None:
+        raise ConfigError("data.tokenizer is unset; the CLI links it to model.checkpoint")
+    return load_pretrained(AutoTokenizer.from_pretrained, "model.checkpoint (its tokenizer)", name, revision=revision)

@@ -7,54 +7,12 @@ ranks take whole shards, so every example is exported exactly once whatever the 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, fields, replace
-from itertools import chain
-from typing import TYPE_CHECKING, Literal
+from collections.abc import Iterable, Sequence
 
 import numpy as np
-import pyarrow as pa
-import torch
 
+from actlightning.contracts import PlannedBatch
 from actlightning.errors import ConfigError
-
-if TYPE_CHECKING:
-    from actlightning.tokens import TokenTable
-
-PaddingSide = Literal["right", "left"]
-
-
-@dataclass
-class TokenStore:
-    """Tokenized sequences packed into one array: sequence ``i`` is ``values[offsets[i]:offsets[i + 1]]``."""
-
-    values: np.ndarray
-    offsets: np.ndarray
-    example_ids: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.example_ids)
-
-    @property
-    def lengths(self) -> np.ndarray:
-        return np.diff(self.offsets)
-
-    @classmethod
-    def from_sequences(
-        cls, sequences: Sequence[Sequence[int]] | Sequence[np.ndarray], example_ids: Sequence[int] | None = None
-    ) -> TokenStore:
-        lengths = np.fromiter((len(s) for s in sequences), dtype=np.int64, count=len(sequences))
-        offsets = np.zeros(len(sequences) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=offsets[1:])
-        values = np.fromiter(chain.from_iterable(sequences), dtype=np.int64, count=int(offsets[-1]))
-        ids = np.arange(len(sequences)) if example_ids is None else np.asarray(example_ids, dtype=np.int64)
-        return cls(values, offsets, ids)
-
-    def sequence(self, position: int) -> np.ndarray:
-        return self.values[self.offsets[position] : self.offsets[position + 1]]
-
-    def sequences(self, positions: np.ndarray) -> list[np.ndarray]:
-        return [self.sequence(int(p)) for p in positions]
 
 
 def index_dtype(count: int) -> type[np.integer]:
@@ -109,13 +67,6 @@ def length_order(lengths: np.ndarray, descending: bool = False) -> np.ndarray:
     """Stable order of positions by token count (ties keep their input order)."""
     keys = -lengths if descending else lengths
     return np.argsort(keys, kind="stable")
-
-
-def chunk_batches(num_examples: int, batch_size: int) -> list[np.ndarray]:
-    """Consecutive positions in batches of ``batch_size``; the last one may be shorter."""
-    if batch_size <= 0:
-        raise ConfigError(f"data.batch_size must be a positive integer, got {batch_size}")
-    return [np.arange(s, min(s + batch_size, num_examples)) for s in range(0, num_examples, batch_size)]
 
 
 class BatchPacker:
@@ -201,14 +152,20 @@ def plan_batches(
     return batches
 
 
-def padding_efficiency(batches: Iterable[np.ndarray], lengths: np.ndarray) -> float:
-    """Real tokens / padded tokens over ``batches`` (1.0 means no padding); one pass, so a generator will do."""
+def padding_counts(batches: Iterable[np.ndarray], lengths: np.ndarray) -> tuple[int, int]:
+    """(real tokens, padded tokens) over ``batches``; one pass, so a generator will do."""
     real = padded = 0
     for batch in batches:
         if len(batch):
             batch_lengths = lengths[batch]
             real += int(batch_lengths.sum())
             padded += int(batch_lengths.max()) * len(batch)
+    return real, padded
+
+
+def padding_efficiency(batches: Iterable[np.ndarray], lengths: np.ndarray) -> float:
+    """Real tokens / padded tokens over ``batches`` (1.0 means no padding)."""
+    real, padded = padding_counts(batches, lengths)
     return real / padded if padded else 1.0
 
 
@@ -238,47 +195,6 @@ def assign_shards(shard_tokens: Sequence[int], world_size: int) -> list[list[int
     return [sorted(shards) for shards in owned]
 
 
-@dataclass
-class Batch:
-    """One padded batch, as collation makes it: the model's inputs and what the writer needs.
-
-    Tensors move to the device with the batch; numpy arrays, numbers and the label table stay on the
-    host (Lightning moves tensors only), so the writer reads them without waiting for the device.
-    """
-
-    input_ids: torch.Tensor  # [B, S] int64, padded with the tokenizer's pad id
-    attention_mask: torch.Tensor  # [B, S] 1 on real tokens
-    position_ids: torch.Tensor  # [B, S] real tokens counted from 0 (0 on padding)
-    lengths: torch.Tensor  # [B] real tokens per row
-    first_token: torch.Tensor  # [B] column of each row's first real token (0 with right padding)
-    example_id: torch.Tensor  # [B] row index in the loaded split
-    host_example_id: np.ndarray  # the same, on the host
-    host_tokens: int  # real tokens in the batch
-    shard_index: int  # the shard this batch belongs to
-    last_in_shard: bool  # the shard is complete after this batch
-    # Streaming: the label rows travel with the batch; otherwise the writer takes them by example id.
-    labels: pa.Table | None = None
-
-    def rows(self, rows: slice) -> Batch:
-        """The sub-batch of ``rows`` (used to split a batch that ran out of memory)."""
-        sliced = {
-            f.name: getattr(self, f.name)[rows]
-            for f in fields(self)
-            if isinstance(getattr(self, f.name), (torch.Tensor, np.ndarray))
-        }
-        labels = None if self.labels is None else self.labels.slice(rows.start, rows.stop - rows.start)
-        return replace(self, **sliced, labels=labels, host_tokens=int(sliced["lengths"].sum()))
-
-
-@dataclass
-class PlannedBatch:
-    """One batch of the plan: positions into the store, and where it sits in its shard."""
-
-    positions: np.ndarray
-    shard_index: int
-    last_in_shard: bool
-
-
 def rank_batches(
     shards: Sequence[Sequence[np.ndarray]], shard_ids: Sequence[int], owned: Sequence[int]
 ) -> list[PlannedBatch]:
@@ -291,72 +207,34 @@ def rank_batches(
     return planned
 
 
-def collate(
-    store: TokenStore | TokenTable,
-    planned: PlannedBatch,
-    pad_id: int = 0,
-    padding_side: PaddingSide = "right",
-    labels: pa.Table | None = None,
-) -> Batch:
-    """Pad one batch; returns the model inputs plus what the writer needs to place each row.
+def remaining_shards(
+    shards: list[Sequence[np.ndarray]],
+    example_ids: np.ndarray,
+    done_example_ids: np.ndarray | None,
+    taken_shard_indices: set[int],
+) -> tuple[list[Sequence[np.ndarray]], list[int]]:
+    """The shards still to export and their indices, after a resume.
 
-    Position ids count real tokens from 0 whatever the padding side, so a padded row sees the same
-    positions as the sequence alone (GPT-2 with left padding and default positions is off by ~3).
+    The plan covers the whole selection, so ``max_shards`` always means the same examples. Examples
+    already in complete shards (``done_example_ids``) are removed; what remains keeps its place in the
+    plan. A partly exported shard (possible when batching settings changed) gets a fresh index.
     """
-    positions = planned.positions
-    lengths = store.lengths[positions]
-    seq_len = int(lengths.max()) if len(lengths) else 0
-    input_ids = np.full((len(positions), seq_len), pad_id, dtype=np.int64)
-    attention_mask = np.zeros((len(positions), seq_len), dtype=np.int64)
-    position_ids = np.zeros((len(positions), seq_len), dtype=np.int64)
-    first_token = np.zeros(len(positions), dtype=np.int64) if padding_side == "right" else seq_len - lengths
-    for row, (tokens, start) in enumerate(zip(store.sequences(positions), first_token, strict=True)):
-        input_ids[row, start : start + len(tokens)] = tokens
-        attention_mask[row, start : start + len(tokens)] = 1
-        position_ids[row, start : start + len(tokens)] = np.arange(len(tokens))
-    return Batch(
-        input_ids=torch.from_numpy(input_ids),
-        attention_mask=torch.from_numpy(attention_mask),
-        position_ids=torch.from_numpy(position_ids),
-        lengths=torch.from_numpy(lengths.astype(np.int64)),
-        first_token=torch.from_numpy(np.asarray(first_token, dtype=np.int64)),
-        example_id=torch.from_numpy(store.example_ids[positions]),
-        host_example_id=store.example_ids[positions],
-        host_tokens=int(lengths.sum()),
-        shard_index=planned.shard_index,
-        last_in_shard=planned.last_in_shard,
-        labels=labels,
-    )
-
-
-def search_batch_size(
-    store: TokenStore | TokenTable,
-    batch_size: int,
-    max_tokens: int | None,
-    probe: Callable[[Batch], bool],
-    pad_id: int = 0,
-    padding_side: PaddingSide = "right",
-) -> int:
-    """The largest ``batch_size`` (or, with a budget, ``max_tokens``) whose batch of the longest
-    sequences fits: ``probe`` runs the model on a batch and returns False when it ran out of memory."""
-    lengths = store.lengths
-    longest = np.argsort(-lengths, kind="stable")
-
-    def fits(size: int) -> bool:
-        rows = max(1, min(batch_size, size // int(lengths[longest[0]]))) if max_tokens is not None else size
-        return probe(collate(store, PlannedBatch(longest[:rows], 0, True), pad_id, padding_side))
-
-    return find_batch_size(fits, max_tokens if max_tokens is not None else batch_size)
-
-
-def find_batch_size(fits: Callable[[int], bool], start: int) -> int:
-    """The largest of ``start, start // 2, start // 4, ..., 1`` for which ``fits`` is true.
-
-    ``fits`` runs a probe and returns False when it ran out of memory.
-    """
-    size = start
-    while size >= 1:
-        if fits(size):
-            return size
-        size //= 2
-    raise RuntimeError("not even a single sequence fits in device memory; lower data.max_length or use a smaller dtype")
+    indices = list(range(len(shards)))
+    if done_example_ids is not None and len(done_example_ids):
+        done = np.isin(example_ids, done_example_ids)
+        remaining: list[Sequence[np.ndarray]] = []
+        kept_indices = []
+        for index, shard in zip(indices, shards, strict=True):
+            left = [b[~done[b]] for b in shard]
+            left = [b for b in left if len(b)]
+            if left:
+                remaining.append(left)
+                kept_indices.append(index)
+        shards, indices = remaining, kept_indices
+    next_free = max([*taken_shard_indices, *indices], default=-1) + 1
+    renamed = []
+    for index in indices:
+        if index in taken_shard_indices:
+            index, next_free = next_free, next_free + 1
+        renamed.append(index)
+    return shards, renamed

@@ -13,8 +13,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict
 from pathlib import Path
 
-from actlightning.shards import SHARD_PATTERN, ShardInfo
-from actlightning.storage import Location, as_location
+from actlightning.files.shard_file import SHARD_PATTERN, ShardInfo
+from actlightning.files.storage import Location, as_location
 
 MANIFEST = "manifest.json"
 CONFIG = "config.yaml"

@@ -12,52 +12,22 @@ own shards), so a resume, on any device count, redoes exactly the missing shards
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+from datasets import Features
 from torch.utils.data import IterableDataset
 
-from actlightning.batching import Batch, BatchPacker, PaddingSide, PlannedBatch, TokenStore, collate, length_order
-from actlightning.errors import ConfigError
+from actlightning.contracts import Batch, DataCounts, ExportPlan, PaddingSide, PlannedBatch
+from actlightning.data.batching import BatchPacker, length_order
+from actlightning.data.collate import TokenStore, collate
+from actlightning.data.selection import Selection, SelectionSettings
+from actlightning.data.source import Source, open_stream
 
 # Rows tokenized together while streaming (the fast tokenizer batches in Rust).
 _TOKENIZE_ROWS = 1024
-
-
-def check_streaming_settings(
-    *,
-    sort_by_length: bool,
-    bucket_size: int | None,
-    dedupe: bool,
-    drop_prefixes: bool,
-    shuffle_seed: int | None,
-    batch_order_seed: int | None,
-    auto_find_batch_size: bool,
-    num_workers: int,
-) -> None:
-    """Refuse the settings that need the whole dataset up front, naming each and what to do instead."""
-    refused = {
-        "data.sort_by_length": (sort_by_length and bucket_size is None, "set data.bucket_size to sort within windows"),
-        "data.dedupe": (dedupe, "a whole-set dedupe needs every input first"),
-        "data.drop_prefixes": (drop_prefixes, "finding prefixes needs every input first"),
-        "data.shuffle_seed": (
-            shuffle_seed is not None,
-            "an exact sample needs the whole set; data.limit takes the first rows",
-        ),
-        "data.batch_order_seed": (batch_order_seed is not None, "shuffling whole batches needs all of them first"),
-        "data.auto_find_batch_size": (
-            auto_find_batch_size,
-            "the longest batch is unknown; set data.batch_size or data.max_tokens",
-        ),
-        "data.num_workers": (num_workers > 0, "the stream is read once per rank; use 0"),
-    }
-    for name, (bad, why) in refused.items():
-        if bad:
-            raise ConfigError(f"{name} does not work with data.streaming: {why}")
 
 
 # (example_id, tokens, label row) of one selected example.
@@ -73,20 +43,15 @@ class StreamBatch:
     planned: PlannedBatch
 
 
-@dataclass
-class StreamCounts:
-    """What the stream removed and what it planned, for the log and the manifest."""
-
-    loaded: int = 0
-    removed: dict[str, int] = field(default_factory=dict)
-    selected: int = 0
-    tokens: int = 0
-    truncated: int = 0
-    real_tokens: int = 0
-    padded_tokens: int = 0
-
-    def drop(self, step: str) -> None:
-        self.removed[step] = self.removed.get(step, 0) + 1
+def _chunks(rows: Iterable[dict], size: int) -> Iterator[list[dict]]:
+    chunk: list[dict] = []
+    for row in rows:
+        chunk.append(row)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 def selected_examples(
@@ -94,56 +59,36 @@ def selected_examples(
     input_column: str,
     label_columns: list[str],
     tokenize: Callable[[list], list[list[int]]] | None,
-    keep: Callable[[dict], bool] | None,
-    min_tokens: int | None,
-    max_tokens_per_sequence: int | None,
-    limit: int | None,
-    max_length: int | None,
-    counts: StreamCounts,
+    selection: Selection,
 ) -> Iterator[Example]:
-    """``(example_id, tokens, labels)`` of each selected row, in stream order, at most ``limit``.
+    """``(example_id, tokens, labels)`` of each selected row, in stream order, up to the limit.
 
+    The selection steps run a chunk of rows at a time (the tokenizer batches a chunk too).
     ``example_id`` is the row's index in the stream, as in the in-memory path (the index in the
     loaded split). ``tokenize`` is None for a pre-tokenized input column. The stream is read no
-    further than the last selected row needs.
+    further than the chunk of the last selected row.
     """
-
-    def chunks() -> Iterator[list[tuple[int, Any, dict]]]:
-        pending: list[tuple[int, Any, dict]] = []
-        for index, row in enumerate(rows):
-            counts.loaded = index + 1
-            if keep is not None and not keep(row):
-                counts.drop("filter")
-                continue
-            value = row[input_column]
-            if value is None and tokenize is not None:
-                value = ""
-            pending.append((index, value, {c: row[c] for c in label_columns}))
-            if len(pending) >= _TOKENIZE_ROWS:
-                yield pending
-                pending = []
-        if pending:
-            yield pending
-
-    def selected() -> Iterator[Example]:
-        for chunk in chunks():
-            inputs = [value for _, value, _ in chunk]
-            sequences = tokenize(inputs) if tokenize is not None else inputs
-            for (index, _, labels), ids in zip(chunk, sequences, strict=True):
-                tokens = np.asarray(ids if ids is not None else [], dtype=np.int64)
-                if len(tokens) == 0:
-                    counts.drop("empty")
-                elif (min_tokens is not None and len(tokens) < min_tokens) or (
-                    max_tokens_per_sequence is not None and len(tokens) > max_tokens_per_sequence
-                ):
-                    counts.drop("token_range")
-                else:
-                    if max_length is not None and len(tokens) > max_length:
-                        counts.truncated += 1
-                        tokens = tokens[:max_length]
-                    yield index, tokens, labels
-
-    return itertools.islice(selected(), limit)
+    counts, limit = selection.counts, selection.settings.limit
+    start = 0
+    for chunk in _chunks(rows, _TOKENIZE_ROWS):
+        counts.loaded = start + len(chunk)
+        ids = selection.by_filter(chunk, np.arange(start, start + len(chunk)))
+        inputs = [chunk[i - start][input_column] for i in ids]
+        if tokenize is not None:
+            inputs = tokenize(["" if value is None else value for value in inputs])
+        sequences = [np.asarray(value if value is not None else [], dtype=np.int64) for value in inputs]
+        kept = selection.by_length(np.array([len(t) for t in sequences], dtype=np.int64))
+        positions = np.arange(len(sequences)) if kept is None else kept
+        limited = selection.by_limit(len(positions))
+        positions = positions if limited is None else positions[limited]
+        lengths = np.array([len(sequences[p]) for p in positions], dtype=np.int64)
+        selection.accept(lengths)
+        for position, length in zip(positions, lengths, strict=True):
+            row = chunk[int(ids[position]) - start]
+            yield int(ids[position]), sequences[position][:length], {c: row[c] for c in label_columns}
+        start += len(chunk)
+        if limit is not None and counts.selected >= limit:
+            return
 
 
 def stream_shards(
@@ -155,7 +100,7 @@ def stream_shards(
     batches_per_shard: int,
     max_shards: int | None,
     label_schema: pa.Schema | None,
-    counts: StreamCounts,
+    counts: DataCounts,
 ) -> Iterator[tuple[int, list[StreamBatch]]]:
     """``(shard_index, batches)`` of the whole stream, in order: windows of ``bucket_size`` selected
     examples sorted by length (no sorting without ``bucket_size``), packed greedily as ``plan_batches``
@@ -165,8 +110,6 @@ def stream_shards(
         """Each example in packing order, then ``(None, True)`` where a bucket ends."""
         window: list[Example] = []
         for example in examples:
-            counts.selected += 1
-            counts.tokens += len(example[1])
             if bucket_size is None:
                 yield example, False
                 continue
@@ -251,3 +194,45 @@ class StreamingBatches(IterableDataset):
                 continue
             for batch in batches:
                 yield collate(batch.store, batch.planned, self.pad_id, self.padding_side, labels=batch.labels)
+
+
+@dataclass(frozen=True)
+class StreamBatching:
+    """How a stream's examples become batches and shards (the data module's and writer's settings)."""
+
+    batch_size: int
+    max_tokens: int | None
+    bucket_size: int | None
+    descending: bool
+    batches_per_shard: int
+    max_shards: int | None
+
+
+class StreamSource:
+    """A streaming export's rows: opened and checked when the export is planned (the plan gets the label
+    features), then read from the start by each rank's ``shards``; counts go to ``plan.data``."""
+
+    def __init__(self, source: Source, settings: SelectionSettings, plan: ExportPlan, tokenizer_of: Callable) -> None:
+        self.source, self.settings, self.plan = source, settings, plan
+        self.stream = open_stream(source)
+        features = self.stream.features
+        pretokenized = source.check_columns(features.arrow_schema)
+        plan.label_features = {c: features[c] for c in source.label_columns}
+        self.tokenizer = None if pretokenized else tokenizer_of()
+
+    def shards(self, batching: StreamBatching) -> Iterator[tuple[int, list[StreamBatch]]]:
+        """Every shard of the stream, in order, read afresh."""
+        self.plan.data = DataCounts()
+        tokenizer = self.tokenizer
+        tokenize = (
+            None if tokenizer is None else (lambda inputs: tokenizer(inputs, add_special_tokens=True)["input_ids"])
+        )
+        labels = self.source.label_columns
+        selection = Selection(self.settings, self.plan.data, whole_set=False)
+        examples = selected_examples(iter(self.stream), self.source.input_column, labels, tokenize, selection)
+        label_schema = Features(self.plan.label_features).arrow_schema if labels else None
+        b = batching
+        return stream_shards(
+            examples, b.batch_size, b.max_tokens, b.bucket_size, b.descending, b.batches_per_shard, b.max_shards,
+            label_schema, self.plan.data,
+        )  # fmt: skip

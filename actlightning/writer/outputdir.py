@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 from actlightning.errors import ConfigError
-from actlightning.manifest import (
+from actlightning.files.manifest import (
     CARD,
     CONFIG,
     FORMAT_VERSION,
@@ -20,8 +20,8 @@ from actlightning.manifest import (
     read_manifest,
     settings_differences,
 )
-from actlightning.shards import SHARD_PATTERN, is_tmp_file
-from actlightning.storage import Location, as_location
+from actlightning.files.shard_file import SHARD_PATTERN, is_tmp_file
+from actlightning.files.storage import Location, as_location
 
 ExportState = Literal["new", "resume", "complete", "overwrite"]
 

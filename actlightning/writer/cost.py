@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from actlightning.schema import Layout
+from actlightning.files.schema import Layout
 
 
 def exported_tokens(lengths: np.ndarray, n_pos: int | None) -> np.ndarray:

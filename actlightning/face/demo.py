@@ -1,6 +1,6 @@
 """Tiny, deterministic models, tokenizers and chess datasets, built offline.
 
-``python -m actlightning.demo FOLDER`` writes the demo checkpoint and dataset that ``configs/demo.yaml``
+``python -m actlightning.face.demo FOLDER`` writes the demo checkpoint and dataset that ``configs/demo.yaml``
 uses; the tests build their fixtures with the same functions.
 """
 

@@ -6,20 +6,20 @@ import difflib
 import logging
 import re
 import sys
-import warnings
-from pathlib import Path
 
-from jsonargparse import ArgumentError
-from lightning.pytorch import Trainer
-from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+from jsonargparse import ArgumentError, Namespace
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
+from typing_extensions import override
 
-from actlightning.data import ActivationDataModule
+from actlightning.data.module import ActivationDataModule
 from actlightning.errors import ConfigError, ExportError
-from actlightning.loading import context_size
-from actlightning.module import ActivationModule
-from actlightning.progress import TokenProgressBar
-from actlightning.storage import redact
-from actlightning.writer import ParquetShardWriter
+from actlightning.face.export import plan_export
+from actlightning.face.logs import configure_logging, quiet_third_party
+from actlightning.face.progress import TokenProgressBar
+from actlightning.files.storage import redact
+from actlightning.model.module import ActivationModule
+from actlightning.writer.callback import ParquetShardWriter
 
 log = logging.getLogger("actlightning")
 
@@ -55,35 +55,6 @@ TRAINER_FIXED = {
     "use_distributed_sampler": False,
 }
 
-# Lines that other libraries print on every run and that say nothing about an export.
-_NOISY_INFO = ("GPU available:", "TPU available:", "HPU available:", "💡 Tip:")
-
-
-class _DropNoise(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).lstrip().startswith(_NOISY_INFO)
-
-
-def quiet_third_party() -> None:
-    """Silence what other libraries print on every run and is not about the export.
-
-    Only named messages are dropped (no blanket category filters), so real warnings still show.
-    """
-    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, _DropNoise) for f in logger.filters):
-            logger.addFilter(_DropNoise())
-    # The data module's batches carry their own bookkeeping; Lightning's batch-index tracking is not needed.
-    warnings.filterwarnings("ignore", message="Couldn't infer the batch indices")
-    # Lightning 2.6 uses torch's deprecated LeafSpec internally; nothing a user can change.
-    warnings.filterwarnings(
-        "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning
-    )
-    # transformers' "Loading weights" bar: the plan and the export's own bar say what is happening.
-    from transformers.utils import logging as transformers_logging
-
-    transformers_logging.disable_progress_bar()
-
 
 def inspect_trainer_parameters() -> list[str]:
     import inspect
@@ -91,59 +62,24 @@ def inspect_trainer_parameters() -> list[str]:
     return [name for name in inspect.signature(Trainer.__init__).parameters if name != "self"]
 
 
-class _RankFilter(logging.Filter):
-    """Adds ``rank`` to log records, so lines from several processes can be told apart."""
+class ConfigText(SaveConfigCallback):
+    """Lightning's seam for the resolved configuration (it is given the subcommand's parser and
+    config): here it only renders them, credentials redacted, for config.yaml beside the shards."""
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        from lightning.fabric.utilities.rank_zero import rank_zero_only
+    def __init__(self, parser: LightningArgumentParser, config: Namespace, **kwargs: object) -> None:
+        super().__init__(parser, config, save_to_log_dir=False)
 
-        record.rank = getattr(rank_zero_only, "rank", 0)
-        return True
+    @override
+    def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        pass  # the writer saves the text once its output folder is ready
 
-
-class _StderrHandler(logging.StreamHandler):
-    """Writes to whatever ``sys.stderr`` is at the time, so that in-process runs (tests, notebooks)
-    that redirect it see the logs."""
-
-    def __init__(self) -> None:
-        super().__init__()
-
-    @property
-    def stream(self):
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, value) -> None:
-        pass
-
-
-class _LogFileHandler(logging.FileHandler):
-    """The ``--log_file`` handler; one run's file is closed and dropped when the next run starts."""
-
-
-def configure_logging(log_file: str | Path | None) -> None:
-    """INFO logs of this package to stderr, and with ``log_file`` also Lightning's, to that file."""
-    formatter = logging.Formatter("%(asctime)s %(levelname)s [rank %(rank)s] %(name)s: %(message)s")
-    log.setLevel(logging.INFO)
-    if not any(isinstance(h, _StderrHandler) for h in log.handlers):
-        stream = _StderrHandler()
-        stream.setFormatter(formatter)
-        stream.addFilter(_RankFilter())
-        log.addHandler(stream)
-    names = ("actlightning", "lightning.pytorch", "lightning.fabric")
-    for name in names:
-        logger = logging.getLogger(name)
-        for handler in [h for h in logger.handlers if isinstance(h, _LogFileHandler)]:
-            logger.removeHandler(handler)
-            handler.close()
-    if log_file is not None:
-        log_file = Path(log_file)
-        log_file.parent.mkdir(parents=True, exist_ok=True)
-        handler = _LogFileHandler(log_file)
-        handler.setFormatter(formatter)
-        handler.addFilter(_RankFilter())
-        for name in names:
-            logging.getLogger(name).addHandler(handler)
+    def text(self, output_dir: str, remote: bool) -> str:
+        config = self.config.clone()
+        # Credentials stay out of config.yaml: storage_options keep their keys, never their values.
+        config["writer.storage_options"] = redact(config.get("writer.storage_options"))
+        if remote:  # without a password the URL may have held
+            config["writer.output_dir"] = output_dir
+        return self.parser.dump(config, skip_unset=False)
 
 
 class ActLightningCLI(LightningCLI):
@@ -155,7 +91,7 @@ class ActLightningCLI(LightningCLI):
         super().__init__(
             ActivationModule,
             ActivationDataModule,
-            save_config_callback=None,
+            save_config_callback=ConfigText,
             seed_everything_default=False,
             auto_configure_optimizers=False,
             load_from_checkpoint_support=False,
@@ -168,19 +104,23 @@ class ActLightningCLI(LightningCLI):
             run=run,
         )
 
+    def _section(self, config: Namespace, key: str, default: object = None) -> object:
+        """``key`` of the subcommand's part of ``config``."""
+        return config.get(str(self.subcommand), config).get(key, default)
+
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
         try:
             super().parse_arguments(parser, args)
         except ArgumentError as error:
-            parsers = [parser, *getattr(self, "_subcommand_parsers", {}).values()]
-            keys = sorted({o[2:] for p in parsers for o in p._option_string_actions if o.startswith("--")})
-            raise ConfigError(_argument_error_line(str(error), keys)) from None
+            raise ConfigError(_argument_error_line(str(error), setting_keys())) from None
 
     def add_default_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # No --seed_everything: an export draws no random numbers but its own seeded ones.
         pass
 
     def _set_seed(self) -> None:
+        # upstream: Lightning reads --seed_everything in this private hook and offers no public switch
+        # to leave the option out; without the option there is nothing to seed.
         pass
 
     def add_core_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -194,7 +134,7 @@ class ActLightningCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs):
         kwargs.update(TRAINER_FIXED)
         # A progress bar counted in tokens, unless the progress bar is switched off.
-        trainer_config = self._get(self.config_init, "trainer", default={})
+        trainer_config = self._section(self.config_init, "trainer", default={})
         if trainer_config.get("enable_progress_bar", True) is not False:
             callbacks = list(trainer_config.get("callbacks") or [])
             if not any(isinstance(c, TokenProgressBar) for c in callbacks):
@@ -214,32 +154,32 @@ class ActLightningCLI(LightningCLI):
         parser.add_argument("--log_file", type=str | None, default=None, help="Also write logs to this file.")
 
     def before_instantiate_classes(self) -> None:
-        configure_logging(self._get(self.config, "log_file"))
+        configure_logging(self._section(self.config, "log_file"))
 
     def predict(self, model: ActivationModule, datamodule: ActivationDataModule, **_: object) -> None:
-        writer: ParquetShardWriter = self._get(self.config_init, "writer")
-        model.check_settings()
-        settings = writer.export_settings(self.trainer, model, datamodule)
-        # Checked before any data loads or weights: a finished export is not recomputed.
-        if writer.inspect_output_dir(settings) == "complete":
-            log.info("the export in %s is already complete; nothing to do", writer.output_dir)
+        writer = next(c for c in self.trainer.callbacks if isinstance(c, ParquetShardWriter))
+        recorder = next(c for c in self.trainer.callbacks if isinstance(c, ConfigText))
+        # Its work is done: the Trainer (and a spawned process) need not carry the parser.
+        self.trainer.callbacks.remove(recorder)
+        config_yaml = recorder.text(writer.output_dir, writer.location.remote)
+        plan = plan_export(model, datamodule, writer, config_yaml)
+        if plan is None:
             return
-        datamodule.model_context = context_size(model.config)
-        datamodule.probe = model.probe
-        # Tokenize once into the on-disk cache (a lock lets one of several processes do it), then plan.
-        datamodule.prepare_data()
-        writer.plan_export(model, datamodule)
-        if writer.dry_run:
+        if writer.hparams.dry_run:
             log.info("writer.dry_run: stopping before the export; nothing was written")
             return
-        parser = self._parser(self.subcommand)
-        config = self.config.get(str(self.subcommand), self.config).clone()
-        # Credentials stay out of config.yaml: storage_options keep their keys, never their values.
-        config["writer.storage_options"] = redact(config.get("writer.storage_options"))
-        if writer.location.remote:  # without a password the URL may have held
-            config["writer.output_dir"] = writer.output_dir
-        writer.config_yaml = parser.dump(config, skip_unset=False)
         self.trainer.predict(model, datamodule=datamodule, return_predictions=False)
+
+
+def setting_keys() -> list[str]:
+    """Every ``--key`` the predict command takes (for "did you mean"), from the classes' signatures."""
+    import inspect
+
+    sections = {"model": ActivationModule, "data": ActivationDataModule, "writer": ParquetShardWriter}
+    keys = ["config", "log_file", "print_config", "help", *(f"trainer.{flag}" for flag in TRAINER_FLAGS)]
+    for section, cls in sections.items():
+        keys += [f"{section}.{name}" for name in inspect.signature(cls.__init__).parameters if name != "self"]
+    return sorted(keys)
 
 
 def _argument_error_line(message: str, keys: list[str]) -> str:
