@@ -6,6 +6,7 @@ import difflib
 import logging
 import re
 import sys
+from typing import Any
 
 from jsonargparse import ArgumentError, Namespace
 from lightning.pytorch import LightningModule, Trainer
@@ -104,7 +105,7 @@ class ActLightningCLI(LightningCLI):
             run=run,
         )
 
-    def _section(self, config: Namespace, key: str, default: object = None) -> object:
+    def _section(self, config: Namespace, key: str, default: Any = None) -> Any:
         """``key`` of the subcommand's part of ``config``."""
         return config.get(str(self.subcommand), config).get(key, default)
 
@@ -157,10 +158,11 @@ class ActLightningCLI(LightningCLI):
         configure_logging(self._section(self.config, "log_file"))
 
     def predict(self, model: ActivationModule, datamodule: ActivationDataModule, **_: object) -> None:
-        writer = next(c for c in self.trainer.callbacks if isinstance(c, ParquetShardWriter))
-        recorder = next(c for c in self.trainer.callbacks if isinstance(c, ConfigText))
+        callbacks: list = self.trainer.callbacks  # type: ignore[attr-defined]
+        writer = next(c for c in callbacks if isinstance(c, ParquetShardWriter))
+        recorder = next(c for c in callbacks if isinstance(c, ConfigText))
         # Its work is done: the Trainer (and a spawned process) need not carry the parser.
-        self.trainer.callbacks.remove(recorder)
+        callbacks.remove(recorder)
         config_yaml = recorder.text(writer.output_dir, writer.location.remote)
         plan = plan_export(model, datamodule, writer, config_yaml)
         if plan is None:
@@ -178,7 +180,8 @@ def setting_keys() -> list[str]:
     sections = {"model": ActivationModule, "data": ActivationDataModule, "writer": ParquetShardWriter}
     keys = ["config", "log_file", "print_config", "help", *(f"trainer.{flag}" for flag in TRAINER_FLAGS)]
     for section, cls in sections.items():
-        keys += [f"{section}.{name}" for name in inspect.signature(cls.__init__).parameters if name != "self"]
+        parameters = inspect.signature(cls).parameters
+        keys += [f"{section}.{name}" for name in parameters]
     return sorted(keys)
 
 

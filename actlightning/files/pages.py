@@ -107,7 +107,7 @@ def vector_leaf(field: pa.Field, column: pq.ColumnSchema) -> VectorLeaf | None:
         return None
     physical = {"FLOAT": FLOAT, "FIXED_LEN_BYTE_ARRAY": FIXED_LEN_BYTE_ARRAY, "INT32": INT32}.get(column.physical_type)
     dtypes = _LAYOUTS.get((kind, physical)) if physical is not None else None
-    if dtypes is None or (physical == FIXED_LEN_BYTE_ARRAY and column.length != 2):
+    if physical is None or dtypes is None or (physical == FIXED_LEN_BYTE_ARRAY and column.length != 2):
         return None
     return VectorLeaf(depth, column.max_definition_level, physical, np.dtype(dtypes[0]), np.dtype(dtypes[1]))
 

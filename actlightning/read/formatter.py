@@ -18,11 +18,11 @@ def register_formatter() -> None:
     Registered on first use, not at import: ``import actlightning.reader`` stays free of ``datasets``
     (it runs in every DataLoader worker of a training script that only streams token batches).
     """
-    # upstream: datasets registers its own formats through datasets.formatting._register_formatter and
-    # offers no public function to register another (Dataset.with_format only takes registered names).
     from datasets import formatting
     from datasets.formatting import Formatter
 
+    # upstream: datasets registers its own formats through datasets.formatting._register_formatter and
+    # offers no public function to register another (Dataset.with_format only takes registered names).
     register = getattr(formatting, "_register_formatter")  # noqa: B009
 
     class ActivationFormatter(Formatter):

@@ -12,7 +12,7 @@ import shutil
 import threading
 import time
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -272,9 +272,8 @@ class ParquetShardWriter(BasePredictionWriter):
         )
         forward, exported, shards = (int(x) for x in trainer.strategy.reduce(mine, reduce_op="sum").tolist())
         if trainer.is_global_zero:
-            manifest = self._write_manifest(
-                complete=True, extra={"run": run_numbers(elapsed, forward, exported, shards)}
-            )
+            run = run_numbers(elapsed, forward, exported, shards)
+            manifest = self._write_manifest(complete=True, extra={"run": run})
             self._write_card(manifest)
             log.info(summary_text(manifest, shards))
 
