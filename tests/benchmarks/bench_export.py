@@ -120,6 +120,8 @@ class RssKinds:
 
 
 def _data_module(model_dir: Path, data: Path, args) -> object:
+    """The export's data module, planned as the CLI plans it (no model: no truncation, no search)."""
+    from actlightning.contracts import ExportPlan
     from actlightning.data.module import ActivationDataModule
 
     dm = ActivationDataModule(
@@ -130,8 +132,8 @@ def _data_module(model_dir: Path, data: Path, args) -> object:
         bucket_size=args.bucket_size,
         tokenizer=str(model_dir),
     )
-    dm.setup("predict")
-    dm.configure_sharding(args.batches_per_shard)
+    plan = ExportPlan({}, [], {}, "float32", None, {}, {}, streaming=False)
+    dm.plan_export(plan, None, lambda batch: True, args.batches_per_shard, None)
     return dm
 
 
@@ -140,13 +142,15 @@ def phase_floor(args) -> dict:
     import torch
     from transformers import AutoModel
 
-    from actlightning.data.batching import collate, rank_batches
+    from actlightning.data.batching import rank_batches
+    from actlightning.data.collate import collate
 
     model_dir, data = Path(args.model_dir), Path(args.data)
     if args.mmap_threshold:
         _set_mmap_threshold(args.mmap_threshold)
     dm = _data_module(model_dir, data, args)
-    shards, ids = dm.plan()
+    shards = dm.plan.shards
+    ids = list(range(len(shards)))
     planned = rank_batches(shards, ids, list(range(len(shards))))
     batches = [collate(dm.store, b, dm.pad_id) for b in planned]
     device = torch.device(args.device)
@@ -222,9 +226,10 @@ def phase_writer(args) -> dict:
     import pyarrow as pa  # noqa: F401
     import torch
 
+    from actlightning.contracts import Prediction
     from actlightning.files.schema import batch_to_table, build_features, build_schema
-    from actlightning.files.shard_file import ShardWriterPool, parquet_options
-    from actlightning.model.module import Prediction
+    from actlightning.files.shard_file import parquet_options
+    from actlightning.writer.threads import ShardWriterPool
 
     hidden, layers, rows, length = 768, 13 if args.layers == "all" else len(args.layers.split(",")), 16, 256
     columns = [f"layer_{i}" for i in range(layers)]
@@ -381,7 +386,7 @@ def phase_data(args) -> dict:
 
 def phase_stream_first_batch(args) -> dict:
     """Seconds from start to the first batch of a streaming export (the model loaded, one shard)."""
-    from actlightning import stream
+    from actlightning.data import stream
     from actlightning.face.cli import ActLightningCLI
 
     start = time.perf_counter()
