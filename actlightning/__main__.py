@@ -1,4 +1,4 @@
-"""``python -m actlightning``: Ctrl-C while the libraries import is one line, not a traceback."""
+"""``python -m actlightning VERB``: Ctrl-C while the libraries import is one line, not a traceback."""
 
 import os
 import signal
@@ -19,10 +19,14 @@ def run() -> None:
     handler = signal.getsignal(signal.SIGINT)
     if handler is signal.default_int_handler:
         signal.signal(signal.SIGINT, _interrupted_while_starting)
-    from actlightning.face.cli import main
+    from actlightning.face.clock import mark_command_line
+    from actlightning.face.verbs import resolve
 
+    mark_command_line()
+
+    function, args = resolve(sys.argv[1:])  # imports the verb's libraries
     signal.signal(signal.SIGINT, handler)
-    main()
+    function(args)
 
 
 if __name__ == "__main__":

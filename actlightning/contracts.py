@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pyarrow as pa
-import torch
+
+if TYPE_CHECKING:  # the contracts name torch's types; importing them must not import torch
+    import torch
 
 PaddingSide = Literal["right", "left"]
 Layout = Literal["sequence", "token"]
@@ -69,6 +71,9 @@ class Prediction:
     ready: torch.cuda.Event | None = None
     shard_index: int = -1
     last_in_shard: bool = False
+    # Each vector column's sums over its stored values, float64 [2 * width + 2]: the sum and the sum
+    # of squares of each component, the sum of the tokens' norms and of their squared norms.
+    moments: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -116,3 +121,5 @@ class ExportPlan:
     taken_shard_indices: set[int] = field(default_factory=set)
     # The resolved configuration, saved as config.yaml beside the shards (credentials redacted).
     config_yaml: str | None = None
+    # When the process started (epoch seconds): the summary reports the seconds to the first batch.
+    process_started: float | None = None

@@ -13,7 +13,8 @@ from torch.utils.data import DataLoader
 from transformers import AutoModel
 
 from actlightning.model.capture import HiddenStateCapture, find_blocks
-from actlightning.read.reader import TokenVectors, iter_token_batches, open_export
+from actlightning.read.reader import open_export
+from actlightning.read.training import TokenVectors, iter_token_batches
 from tests.helpers import Reference, read_rows, read_token_rows, run_export
 
 

@@ -17,7 +17,8 @@ import torch
 from actlightning.errors import ConfigError
 from actlightning.files.remote import RemoteLocation
 from actlightning.files.storage import open_location
-from actlightning.read.reader import TokenVectors, iter_token_batches, open_export
+from actlightning.read.reader import open_export
+from actlightning.read.training import TokenVectors, iter_token_batches
 from actlightning.writer.outputdir import clean_output_dir, inspect_output_dir
 from tests.helpers import REPO, export_args, read_rows, run_main
 from tests.s3 import KEY_ID, SECRET, start_server

@@ -11,8 +11,9 @@ from datasets import List, Value
 
 from actlightning.contracts import Prediction
 from actlightning.files import pages
-from actlightning.files.schema import batch_to_table, build_features, build_schema
+from actlightning.files.schema import build_features, build_schema
 from actlightning.files.shard_file import ShardFile, parquet_options
+from actlightning.files.tables import batch_to_table
 from actlightning.files.thrift import decode_struct, encode_struct
 from actlightning.files.vector_parquet import VectorParquetWriter, vector_leaves
 

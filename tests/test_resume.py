@@ -45,6 +45,17 @@ def test_two_processes_export_every_example_once(tmp_path, checkpoints, games_fi
     manifest = json.loads((tmp_path / "ddp" / "manifest.json").read_text())
     assert manifest["complete"] is True and manifest["totals"]["rows"] == 40
     assert len(manifest["shards"]) == len(names)
+    _assert_same_statistics(tmp_path / "single", tmp_path / "ddp")
+
+
+def _assert_same_statistics(a, b) -> None:
+    """Statistics (summed from every shard's footer) equal within float tolerance of the activations."""
+    stats_a, stats_b = (json.loads((folder / "stats.json").read_text()) for folder in (a, b))
+    assert sorted(stats_a) == sorted(stats_b)
+    for column, values in stats_a.items():
+        assert values["count"] == stats_b[column]["count"]
+        for key in ("mean", "var", "mean_norm", "mean_squared_norm"):
+            np.testing.assert_allclose(values[key], stats_b[column][key], rtol=1e-6, atol=1e-9)
 
 
 def _demo_args(out, *extra):
@@ -114,6 +125,7 @@ def test_killed_exports_resume_to_exactly_the_uninterrupted_export(tmp_path, mon
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["complete"] and manifest["totals"]["rows"] == 256
     _assert_same_export(reference, out)
+    _assert_same_statistics(reference, out)  # the killed runs' shards count, from their footers
 
 
 def test_finished_export_is_not_recomputed(tmp_path, checkpoints, games_file):

@@ -10,7 +10,8 @@ import torch
 from actlightning.contracts import PlannedBatch, Prediction
 from actlightning.data.batching import BatchViews, assign_shards, group_shards, length_order, rank_batches
 from actlightning.data.collate import TokenStore, collate
-from actlightning.files.schema import batch_to_table, build_features, build_schema
+from actlightning.files.schema import build_features, build_schema
+from actlightning.files.tables import batch_to_table
 from actlightning.model.capture import resolve_layers
 from actlightning.model.forward import select_tokens
 from actlightning.read.reader import column_vectors, to_torch

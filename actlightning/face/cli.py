@@ -164,7 +164,10 @@ class ActLightningCLI(LightningCLI):
         # Its work is done: the Trainer (and a spawned process) need not carry the parser.
         callbacks.remove(recorder)
         config_yaml = recorder.text(writer.output_dir, writer.location.remote)
-        plan = plan_export(model, datamodule, writer, config_yaml)
+        # Weights load while the data side plans: in a single process (a launcher would start other
+        # processes, and a spawned one would be sent the model, which a loading thread cannot be).
+        load_early = self.trainer.strategy.launcher is None
+        plan = plan_export(model, datamodule, writer, config_yaml, load_early)
         if plan is None:
             return
         if writer.hparams.dry_run:

@@ -7,6 +7,7 @@ import logging
 
 from actlightning.contracts import ExportPlan
 from actlightning.data.module import ActivationDataModule
+from actlightning.face import clock
 from actlightning.model.module import ActivationModule
 from actlightning.pretrained import context_size
 from actlightning.writer.callback import ParquetShardWriter
@@ -20,7 +21,11 @@ def export_settings(model: ActivationModule, data: ActivationDataModule, writer:
 
 
 def plan_export(
-    model: ActivationModule, data: ActivationDataModule, writer: ParquetShardWriter, config_yaml: str | None = None
+    model: ActivationModule,
+    data: ActivationDataModule,
+    writer: ParquetShardWriter,
+    config_yaml: str | None = None,
+    load_early: bool = False,
 ) -> ExportPlan | None:
     """The export's plan, held by the data module and the writer; None when ``writer.output_dir``
     already holds this export complete (checked before any data loads or weights: a finished export
@@ -28,13 +33,16 @@ def plan_export(
 
     Nothing here runs the model: its settings, widths and loading cost come from its config and a
     skeleton on the meta device. The data is tokenized once into the on-disk cache, selected and
-    planned; then the writer estimates the size and checks the free space.
+    planned; then the writer estimates the size and checks the free space. ``load_early``: the weights
+    start loading on a thread now, while the data side plans (the first batch comes sooner).
     """
     model.check_settings()
     settings = export_settings(model, data, writer)
     if writer.inspect_output_dir(settings) == "complete":
         log.info("the export in %s is already complete; nothing to do", writer.output_dir)
         return None
+    if load_early and not writer.hparams.dry_run:
+        model.start_loading()
     plan = ExportPlan(
         settings=settings,
         vector_columns=model.vector_columns,
@@ -45,6 +53,7 @@ def plan_export(
         model_loading=model.load_plan(),
         streaming=data.hparams.streaming,
         config_yaml=config_yaml,
+        process_started=clock.STARTED,
     )
     data.plan_export(
         plan, context_size(model.config), model.probe, writer.hparams.batches_per_shard, writer.hparams.max_shards

@@ -10,7 +10,6 @@ import json
 import platform
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict
 from pathlib import Path
 
 from actlightning.files.shard_file import SHARD_PATTERN, ShardInfo
@@ -20,6 +19,8 @@ MANIFEST = "manifest.json"
 CONFIG = "config.yaml"
 CARD = "README.md"
 REPORT = "report.png"
+# Each vector column's statistics with their vectors (the manifest keeps the scalars).
+STATS = "stats.json"
 # 2: bfloat16 vectors as 2-byte binaries (1: as uint16, 4 bytes on disk).
 FORMAT_VERSION = 2
 
@@ -82,7 +83,7 @@ def build_manifest(
             "tokens": sum(s.tokens for s in shards),
             "bytes": sum(s.bytes for s in shards),
         },
-        "shards": [asdict(s) for s in shards],
+        "shards": [s.summary() for s in shards],
         **(dict(extra) if extra else {}),
         "versions": library_versions(),
     }

@@ -7,20 +7,16 @@ Every exported row is one sequence. Layer columns hold ``[tokens, hidden_size]``
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
-import torch
-
-from actlightning.errors import ActivationError
 
 if TYPE_CHECKING:
     from datasets import Features
 
-from actlightning.contracts import Layout, Prediction, StorageDtype
+from actlightning.contracts import Layout, StorageDtype
 
 EXAMPLE_ID = "example_id"
 INPUT_IDS = "input_ids"
@@ -32,11 +28,6 @@ HOOK_PREFIX = "hook_"
 VECTOR_PREFIXES = (LAYER_PREFIX, HOOK_PREFIX)
 BASE_COLUMNS = (EXAMPLE_ID, INPUT_IDS, START_POSITION, POSITION, TOKEN_ID)
 
-TORCH_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
 # Arrow and Parquet have no bfloat16: its raw 16-bit patterns are stored as 2-byte fixed-size
 # binary values (Parquet FIXED_LEN_BYTE_ARRAY(2), 2 bytes on disk, which no reader mistakes for a
 # number), and every vector field carries this metadata key so readers know how to decode them.
@@ -98,13 +89,6 @@ def build_schema(features: Features, storage_dtype: StorageDtype) -> pa.Schema:
     return pa.schema(fields, metadata=schema.metadata)
 
 
-def tensor_to_numpy(tensor: torch.Tensor) -> np.ndarray:
-    """Zero-copy view of a CPU tensor as numpy; bfloat16 becomes its raw uint16 bit patterns."""
-    if tensor.dtype == torch.bfloat16:
-        return tensor.view(torch.int16).numpy().view(np.uint16)
-    return tensor.numpy()
-
-
 def storage_type(arrow_type: pa.DataType) -> pa.DataType:
     """The Arrow type under an extension type (HF's ``Array2D``), or the type itself."""
     return arrow_type.storage_type if isinstance(arrow_type, pa.ExtensionType) else arrow_type
@@ -127,15 +111,15 @@ def flat_values(values: pa.Array) -> np.ndarray:
     return values.to_numpy(zero_copy_only=False)
 
 
-def _primitive(values: np.ndarray, arrow_type: pa.DataType) -> pa.Array:
+def primitive_array(values: np.ndarray, arrow_type: pa.DataType) -> pa.Array:
     values = np.ascontiguousarray(values)
     return pa.Array.from_buffers(arrow_type, values.size, [None, pa.py_buffer(values)])
 
 
-def _offsets(lengths: np.ndarray) -> pa.Array:
+def offsets_array(lengths: np.ndarray) -> pa.Array:
     offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
     np.cumsum(lengths, out=offsets[1:])
-    return _primitive(offsets, pa.int32())
+    return primitive_array(offsets, pa.int32())
 
 
 def vector_array(vectors: np.ndarray, lengths: np.ndarray, arrow_type: pa.DataType) -> pa.Array:
@@ -144,88 +128,24 @@ def vector_array(vectors: np.ndarray, lengths: np.ndarray, arrow_type: pa.DataTy
     Built from buffers, so no Python object is created per value or per token.
     """
     total, hidden = vectors.shape
-    values = _primitive(vectors.reshape(-1), arrow_type.value_type.value_type)
-    inner_offsets = _primitive(np.arange(0, (total + 1) * hidden, hidden, dtype=np.int32), pa.int32())
+    values = primitive_array(vectors.reshape(-1), arrow_type.value_type.value_type)
+    inner_offsets = primitive_array(np.arange(0, (total + 1) * hidden, hidden, dtype=np.int32), pa.int32())
     inner = pa.ListArray.from_arrays(inner_offsets, values)
-    return pa.ListArray.from_arrays(_offsets(lengths), inner)
+    return pa.ListArray.from_arrays(offsets_array(lengths), inner)
 
 
-def batch_to_table(
-    prediction: Prediction,
-    schema: pa.Schema,
-    labels: pa.Table | None = None,
-    layout: Layout = "sequence",
-) -> pa.Table:
-    """One predicted batch -> an Arrow table with ``schema``.
-
-    ``prediction`` holds CPU tensors: ``example_id`` [B], ``n_tokens`` [B], ``start_position`` [B],
-    ``input_ids`` [T] (packed) and ``vectors``: {column: [T, width]} (packed, storage dtype).
-    ``labels`` holds the label columns for the same B rows, in order (repeated per token in the
-    token layout).
-    """
-    lengths = tensor_to_numpy(prediction.n_tokens).astype(np.int32, copy=False)
-    example_ids = tensor_to_numpy(prediction.example_id).astype(np.int64, copy=False)
-    starts = tensor_to_numpy(prediction.start_position).astype(np.int32, copy=False)
-    token_ids = tensor_to_numpy(prediction.input_ids).astype(np.int32, copy=False)
-    if layout == "sequence":
-        columns: dict[str, pa.Array] = {
-            EXAMPLE_ID: _primitive(example_ids, pa.int64()),
-            INPUT_IDS: pa.ListArray.from_arrays(_offsets(lengths), _primitive(token_ids, pa.int32())),
-            START_POSITION: _primitive(starts, pa.int32()),
-        }
-    else:
-        rows = np.repeat(np.arange(len(lengths)), lengths)
-        row_starts = np.cumsum(lengths) - lengths
-        positions = (starts[rows] + np.arange(len(rows)) - row_starts[rows]).astype(np.int32)
-        columns = {
-            EXAMPLE_ID: _primitive(example_ids[rows], pa.int64()),
-            POSITION: _primitive(positions, pa.int32()),
-            TOKEN_ID: _primitive(token_ids, pa.int32()),
-        }
-        if labels is not None and labels.num_columns:
-            labels = labels.take(pa.array(rows, type=pa.int64()))
-    if labels is not None:
-        for name in labels.column_names:
-            columns[name] = labels.column(name)
-    for name, tensor in prediction.vectors.items():
-        arrow_type = schema.field(name).type
-        vectors = tensor_to_numpy(tensor)
-        if layout == "sequence" and isinstance(arrow_type, pa.ExtensionType):
-            storage = vector_array(vectors, lengths, arrow_type.storage_type)
-            columns[name] = pa.ExtensionArray.from_storage(arrow_type, storage)
-        elif layout == "sequence":
-            columns[name] = vector_array(vectors, lengths, arrow_type)
-        else:
-            columns[name] = pa.FixedSizeListArray.from_arrays(
-                _primitive(vectors.reshape(-1), arrow_type.value_type), type=arrow_type
-            )
-    return pa.Table.from_arrays([columns[field.name] for field in schema], schema=schema)
+def stored_dtype(field: pa.Field) -> str:
+    """The storage dtype of a vector column (``float32``, ``float16`` or ``bfloat16``)."""
+    metadata = field.metadata or {}
+    if DTYPE_METADATA_KEY in metadata:
+        return metadata[DTYPE_METADATA_KEY].decode()
+    value = storage_type(field.type)
+    while pa.types.is_list(value) or pa.types.is_fixed_size_list(value):
+        value = value.value_type
+    if pa.types.is_fixed_size_binary(value) and value.byte_width == 2:
+        return "bfloat16"  # the only 2-byte binaries this tool writes
+    return str(value.to_pandas_dtype().__name__)
 
 
-def check_finite(prediction: Prediction, storage_dtype: str) -> None:
-    """Raise ``ActivationError`` if the model's activations, or their stored form, hold NaN or inf.
-
-    ``prediction.max_abs`` holds each column's largest magnitude in the model's output: not finite
-    when the model produced NaN/inf, above float16's range when storing as float16 overflows. The
-    stored values are only counted on those (rare) paths.
-    """
-    for column, largest in zip(prediction.vectors, prediction.max_abs.tolist(), strict=True):
-        stored = prediction.vectors[column]
-        if not math.isfinite(largest):
-            count = int((~torch.isfinite(stored)).sum())
-            where = (
-                f"hidden_states[{column[len(LAYER_PREFIX) :]}] ({column})"
-                if column.startswith(LAYER_PREFIX)
-                else column
-            )
-            raise ActivationError(
-                f"the model produced {count} NaN/inf values in {where}; "
-                "nothing of this batch was written. Try model.dtype float32 (half-precision compute can overflow)"
-            )
-        if stored.dtype == torch.float16 and largest > FLOAT16_MAX:
-            count = int(torch.isinf(stored).sum())
-            if count:
-                raise ActivationError(
-                    f"model.output_dtype {storage_dtype} cannot hold {column}: {count} values "
-                    "overflow to inf (beyond +-65504 for float16); use output_dtype float32 or bfloat16"
-                )
+def is_vector_column(name: str) -> bool:
+    return name.startswith(VECTOR_PREFIXES)

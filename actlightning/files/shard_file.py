@@ -3,13 +3,15 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -21,6 +23,23 @@ Compression = Literal["none", "zstd", "snappy", "lz4"]
 VectorEncoder = Literal["direct", "arrow"]
 SHARD_PATTERN = re.compile(r"^shard-(\d{5,})-rank(\d{2,})\.parquet$")
 SHARD_METADATA_KEY = "actlightning"
+MOMENTS_METADATA_KEY = "actlightning.moments"
+
+
+def encode_moments(moments: dict[str, np.ndarray]) -> str:
+    """float64 sums as JSON of base64 (exact, and a third the size of decimal text)."""
+    return json.dumps(
+        {name: base64.b64encode(values.astype("<f8").tobytes()).decode() for name, values in moments.items()}
+    )
+
+
+def decode_moments(text: bytes | str) -> dict[str, np.ndarray]:
+    return {name: np.frombuffer(base64.b64decode(data), dtype="<f8") for name, data in json.loads(text).items()}
+
+
+def add_moments(total: dict[str, np.ndarray], part: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``total`` plus ``part``, column by column (a new dict)."""
+    return {name: total[name] + values if name in total else values.copy() for name, values in part.items()}
 
 
 def shard_name(shard_index: int, rank: int) -> str:
@@ -51,6 +70,12 @@ class ShardInfo:
     examples: int
     # Parquet row groups (one per written batch or shuffle flush): readers split work by them.
     row_groups: int | None = None
+    # Each vector column's float64 sums (see ``Prediction.moments``); kept in the footer, not the manifest.
+    moments: dict[str, np.ndarray] | None = field(default=None, repr=False)
+
+    def summary(self) -> dict:
+        """What the manifest lists of the shard."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "moments"}
 
     @classmethod
     def read(cls, location: Location, name: str) -> ShardInfo:
@@ -64,8 +89,16 @@ class ShardInfo:
     def from_footer(cls, name: str, metadata: pq.FileMetaData, size: int) -> ShardInfo:
         extra = json.loads(metadata.metadata[SHARD_METADATA_KEY.encode()])
         examples = extra.get("examples", metadata.num_rows)
+        moments = metadata.metadata.get(MOMENTS_METADATA_KEY.encode())
         return cls(
-            name, extra["shard_index"], metadata.num_rows, extra["tokens"], size, examples, metadata.num_row_groups
+            name,
+            extra["shard_index"],
+            metadata.num_rows,
+            extra["tokens"],
+            size,
+            examples,
+            metadata.num_row_groups,
+            decode_moments(moments) if moments is not None else None,
         )
 
 
@@ -132,25 +165,26 @@ class ShardFile:
         self.tokens = 0
         self.examples = 0
         self.row_groups = 0
+        self.moments: dict[str, np.ndarray] = {}
         file_class = VectorParquetWriter if vector_encoder == "direct" else ArrowParquetFile
         self._writer = file_class(self.tmp_path, schema, options)
 
-    def write(self, table: pa.Table, tokens: int, examples: int) -> None:
+    def write(self, table: pa.Table, tokens: int, examples: int, moments: dict[str, np.ndarray] | None = None) -> None:
         self._writer.write_table(table)
         self.rows += table.num_rows
         self.row_groups += 1
         self.tokens += tokens
         self.examples += examples
+        if moments:
+            self.moments = add_moments(self.moments, moments)
 
     def close(self) -> ShardInfo:
         """Finish the file, then publish it: it appears under its final name only complete."""
-        self._writer.add_key_value_metadata(
-            {
-                SHARD_METADATA_KEY: json.dumps(
-                    {"shard_index": self.shard_index, "tokens": self.tokens, "examples": self.examples}
-                )
-            }
-        )
+        summary = {"shard_index": self.shard_index, "tokens": self.tokens, "examples": self.examples}
+        metadata = {SHARD_METADATA_KEY: json.dumps(summary)}
+        if self.moments:
+            metadata[MOMENTS_METADATA_KEY] = encode_moments(self.moments)
+        self._writer.add_key_value_metadata(metadata)
         self._writer.close()
         size = self.tmp_path.stat().st_size
         try:
@@ -158,7 +192,16 @@ class ShardFile:
         except BaseException:
             self.tmp_path.unlink(missing_ok=True)
             raise
-        return ShardInfo(self.name, self.shard_index, self.rows, self.tokens, size, self.examples, self.row_groups)
+        return ShardInfo(
+            self.name,
+            self.shard_index,
+            self.rows,
+            self.tokens,
+            size,
+            self.examples,
+            self.row_groups,
+            self.moments or None,
+        )
 
     def abort(self) -> None:
         try:

@@ -41,6 +41,27 @@ def _to_host(tensor: torch.Tensor) -> torch.Tensor:
     return host
 
 
+# Rows of a column turned to float64 at a time for its sums (bounds the device memory they take).
+MOMENT_ROWS = 4096
+
+
+def stored_moments(stored: torch.Tensor) -> torch.Tensor:
+    """float64 ``[2 * width + 2]``: the sum and sum of squares of each component of ``stored`` (the
+    values as the export stores them, exactly widened), the sum of the rows' norms and of their
+    squared norms. Computed where the batch is (on the GPU: next to nothing), a chunk of rows at a time."""
+    width = stored.shape[1]
+    total = torch.zeros(2 * width + 2, dtype=torch.float64, device=stored.device)
+    for start in range(0, stored.shape[0], MOMENT_ROWS):
+        chunk = stored[start : start + MOMENT_ROWS].double()
+        squares = chunk * chunk
+        total[:width] += chunk.sum(0)
+        total[width : 2 * width] += squares.sum(0)
+        norms_squared = squares.sum(1)
+        total[-2] += norms_squared.sqrt().sum()
+        total[-1] += norms_squared.sum()
+    return total
+
+
 def batch_rows(batch: Batch, rows: slice) -> Batch:
     """The sub-batch of ``rows`` (used to split a batch that ran out of memory)."""
     sliced = {
@@ -64,6 +85,7 @@ def join_predictions(first: Prediction, second: Prediction) -> Prediction:
         input_ids=torch.cat([first.input_ids, second.input_ids]),
         vectors={name: torch.cat([first.vectors[name], second.vectors[name]]) for name in first.vectors},
         max_abs=torch.maximum(first.max_abs, second.max_abs),
+        moments={name: first.moments[name] + second.moments[name] for name in first.moments},
     )
 
 
@@ -74,7 +96,7 @@ def predict(capture: HiddenStateCapture, batch: Batch, n_pos: int | None, output
     hidden = capture(input_ids=input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids)
     batch_size, seq_len = input_ids.shape
     flat, n_tokens, start_position = select_tokens(batch.lengths, batch.first_token, seq_len, n_pos)
-    vectors, max_abs = {}, []
+    vectors, max_abs, moments = {}, [], {}
     for column, states in hidden.items():
         if states.dim() != 3 or tuple(states.shape[:2]) != (batch_size, seq_len):
             raise ActivationError(
@@ -86,6 +108,7 @@ def predict(capture: HiddenStateCapture, batch: Batch, n_pos: int | None, output
         stored = selected.to(output_dtype)  # cast on the device: less to copy
         # One pass: the largest magnitude is NaN/inf if any value is, and shows float16 overflow.
         max_abs.append(torch.linalg.vector_norm(selected, ord=float("inf"), dtype=torch.float32))
+        moments[column] = _to_host(stored_moments(stored))
         vectors[column] = _to_host(stored)
     prediction = Prediction(
         example_id=_to_host(batch.example_id),
@@ -94,6 +117,7 @@ def predict(capture: HiddenStateCapture, batch: Batch, n_pos: int | None, output
         input_ids=_to_host(input_ids.reshape(-1).index_select(0, flat).to(torch.int32)),
         vectors=vectors,
         max_abs=_to_host(torch.stack(max_abs)),
+        moments=moments,
     )
     if input_ids.device.type == "cuda":
         # The copies above are asynchronous; the writer thread waits on this event, so the next

@@ -6,7 +6,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 
 import torch
 from transformers import PretrainedConfig
@@ -70,7 +71,7 @@ def load_plan(
 ) -> dict:
     """What loading the first ``blocks`` decoder blocks costs next to the full model (``full``, a
     skeleton): blocks, parameters and their bytes at the compute ``dtype``."""
-    from actlightning.files.schema import TORCH_DTYPES
+    from actlightning.files.tables import TORCH_DTYPES
 
     parameters = count_parameters(full)
     loaded = parameters
@@ -127,3 +128,27 @@ def load_blocks(
             f"(e.g. {missing[:3]}); they would be random and so would the activations"
         )
     return model.eval().requires_grad_(False)
+
+
+class BackgroundLoad:
+    """``load(*arguments)`` on a thread; ``result()`` waits for it and raises what it raised. Loading is
+    mostly reading files and copying tensors, which release the GIL, so it overlaps other work."""
+
+    def __init__(self, load: Callable[..., torch.nn.Module], *arguments: object) -> None:
+        self._result: torch.nn.Module | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(load, arguments), name="actlightning-load", daemon=True)
+        self._thread.start()
+
+    def _run(self, load: Callable[..., torch.nn.Module], arguments: tuple) -> None:
+        try:
+            self._result = load(*arguments)
+        except BaseException as error:  # re-raised by result(), on the main thread
+            self._error = error
+
+    def result(self) -> torch.nn.Module:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._result is not None, "the load finished"
+        return self._result

@@ -12,7 +12,8 @@ from transformers import AutoConfig, PretrainedConfig
 
 from actlightning.contracts import Batch, Prediction, StorageDtype
 from actlightning.errors import ConfigError
-from actlightning.files.schema import TORCH_DTYPES, layer_column
+from actlightning.files.schema import layer_column
+from actlightning.files.tables import TORCH_DTYPES
 from actlightning.model.capture import (
     HiddenStateCapture,
     HookPoint,
@@ -22,7 +23,7 @@ from actlightning.model.capture import (
     resolve_layers,
 )
 from actlightning.model.forward import batch_rows, join_predictions, predict
-from actlightning.model.loading import load_blocks, load_plan, skeleton
+from actlightning.model.loading import BackgroundLoad, load_blocks, load_plan, skeleton
 from actlightning.pretrained import context_size, load_pretrained
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,7 @@ class ActivationModule(LightningModule):
         # Kept in a dict so that it is not registered as a submodule (Lightning would move it to the device).
         self._meta: dict[str, torch.nn.Module] = {}
         self.model: torch.nn.Module | None = None
+        self._loading: BackgroundLoad | None = None
         self._config: PretrainedConfig | None = None
 
     @property
@@ -226,18 +228,8 @@ class ActivationModule(LightningModule):
         # spawned process silently returns hidden_states=None.
         if self.model is not None:
             return
-        h = self.hparams
-        dtype = h.dtype if h.dtype == "auto" else TORCH_DTYPES[h.dtype]
-        model = load_blocks(
-            h.checkpoint,
-            self.config,
-            self.blocks_to_load,
-            dtype,
-            h.revision,
-            h.trust_remote_code,
-            h.attn_implementation,
-        )
-        self.model = model
+        loading, self._loading = self._loading, None
+        self.model = model = loading.result() if loading is not None else load_blocks(*self._load_arguments())
         _, blocks = find_blocks(model, self.blocks_to_load)
         self.capture = HiddenStateCapture(
             model, blocks, self.layers, tie_last=self.tie_last, hook_points=self.hook_points, num_layers=self.num_layers
@@ -245,8 +237,21 @@ class ActivationModule(LightningModule):
         self._output_dtype = TORCH_DTYPES[self.storage_dtype]
         log.info(
             "loaded %s (%d of %d blocks, hidden size %d); exporting hidden_states %s as %s",
-            h.checkpoint, self.blocks_to_load, self.num_layers, self.hidden_size, self.layers, self.storage_dtype,
-        )  # fmt: skip
+            *(self.hparams.checkpoint, self.blocks_to_load, self.num_layers, self.hidden_size),
+            *(self.layers, self.storage_dtype),
+        )
+
+    def _load_arguments(self) -> tuple:
+        h = self.hparams
+        dtype = h.dtype if h.dtype == "auto" else TORCH_DTYPES[h.dtype]
+        blocks, config = self.blocks_to_load, self.config
+        return h.checkpoint, config, blocks, dtype, h.revision, h.trust_remote_code, h.attn_implementation
+
+    def start_loading(self) -> None:
+        """Start loading the weights on a thread (``configure_model`` takes them), so that they load
+        while the data side plans. Only where the model is not sent to other processes afterwards."""
+        if self.model is None and self._loading is None:
+            self._loading = BackgroundLoad(load_blocks, *self._load_arguments())
 
     def _forward(self, batch: Batch) -> Prediction:
         return predict(self.capture, batch, self.hparams.n_pos, self._output_dtype)

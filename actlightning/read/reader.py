@@ -1,8 +1,7 @@
 """Reading exports back: vectors in their stored dtype, without Python objects per value.
 
 - ``open_export(path)``: the manifest, schema and counts of an export, and a ``datasets.Dataset`` view.
-- ``iter_token_batches`` / ``TokenVectors``: one column's token vectors in batches, reading only that
-  column, with an optional seeded shuffle buffer and DataLoader-worker sharding (for SAE training).
+- ``iter_token_batches`` / ``TokenVectors`` (in ``training``): token vectors in batches for training.
 
 Each takes a local path or a URL (``s3://bucket/prefix``, with ``storage_options`` as in ``datasets``);
 from a URL only the footers and the asked-for columns' chunks are fetched, one row group at a time.
@@ -10,7 +9,8 @@ from a URL only the footers and the asked-for columns' chunks are fetched, one r
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,30 +19,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from torch.utils.data import IterableDataset, get_worker_info
 
-from actlightning.files.manifest import MANIFEST, read_manifest, shard_names
-from actlightning.files.schema import DTYPE_METADATA_KEY, VECTOR_PREFIXES, flat_values, storage_array, storage_type
+from actlightning.files.manifest import MANIFEST, STATS, read_manifest, shard_names
+from actlightning.files.schema import flat_values, is_vector_column, storage_array, stored_dtype
 from actlightning.files.storage import Location, open_location
 
 StorageOptions = Mapping[str, Any] | None
-
-
-def stored_dtype(field: pa.Field) -> str:
-    """The storage dtype of a vector column (``float32``, ``float16`` or ``bfloat16``)."""
-    metadata = field.metadata or {}
-    if DTYPE_METADATA_KEY in metadata:
-        return metadata[DTYPE_METADATA_KEY].decode()
-    value = storage_type(field.type)
-    while pa.types.is_list(value) or pa.types.is_fixed_size_list(value):
-        value = value.value_type
-    if pa.types.is_fixed_size_binary(value) and value.byte_width == 2:
-        return "bfloat16"  # the only 2-byte binaries this tool writes
-    return str(value.to_pandas_dtype().__name__)
-
-
-def is_vector_column(name: str) -> bool:
-    return name.startswith(VECTOR_PREFIXES)
 
 
 def _chunk_vectors(chunk: pa.Array) -> tuple[np.ndarray, np.ndarray]:
@@ -152,6 +134,20 @@ class Export:
     def dtypes(self) -> dict[str, str]:
         return {name: stored_dtype(self.schema.field(name)) for name in self.vector_columns}
 
+    def stats(self, column: str) -> dict[str, Any]:
+        """Statistics of a vector column over the whole export, as stored (what a reader gets): ``count``,
+        ``mean`` and ``var`` (population; numpy float64 vectors), ``mean_norm``, ``mean_squared_norm``.
+        From ``stats.json``, which a complete export has."""
+        try:
+            every = json.loads(self.location.read_text(STATS))
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"{self.location.url} has no statistics (unfinished, or exported before them)"
+            ) from None
+        if column not in every:
+            raise KeyError(f"no statistics for {column!r}; the vector columns are {sorted(every)}")
+        return {k: np.asarray(v, dtype=np.float64) if isinstance(v, list) else v for k, v in every[column].items()}
+
     def dataset(self, cache_dir: str | None = None, streaming: bool | None = None, columns: list[str] | None = None):
         """A ``datasets.Dataset`` of the export; vector columns come as torch tensors in their stored
         dtype (``datasets``' own torch format would cast them to float32).
@@ -192,106 +188,3 @@ def open_export(path: str | Path, storage_options: StorageOptions = None) -> Exp
     with location.open(names[0]) as handle:
         schema = pq.read_schema(handle)
     return Export(location, manifest, schema, names, storage_options)
-
-
-def _row_group_units(export: Export) -> list[tuple[str, int]]:
-    # The row-group counts are in the manifest's shards; a footer is read only for a shard it lacks.
-    counts = {s["file"]: s.get("row_groups") for s in export.manifest.get("shards", [])}
-    units = []
-    for name in export.names:
-        groups = counts.get(name)
-        if groups is None:
-            with export.location.open(name) as handle:
-                groups = pq.read_metadata(handle).num_row_groups
-        units += [(name, g) for g in range(groups)]
-    return units
-
-
-def iter_token_batches(
-    path: str | Path,
-    column: str,
-    batch_size: int,
-    shuffle_buffer: int | None = None,
-    seed: int = 0,
-    worker: int = 0,
-    num_workers: int = 1,
-    drop_last: bool = False,
-    storage_options: StorageOptions = None,
-) -> Iterator[torch.Tensor]:
-    """Token vectors of one column, ``[batch_size, width]`` at a time, reading only that column.
-
-    Row groups are split round-robin between ``num_workers`` readers, so workers together read every
-    row exactly once. ``shuffle_buffer`` (tokens) mixes vectors across row groups with a seeded
-    generator: deterministic for a given seed, worker and export.
-    """
-    export = open_export(path, storage_options)
-    units = _row_group_units(export)[worker::num_workers]
-    rng = np.random.default_rng([seed, worker]) if shuffle_buffer else None
-    dtype = stored_dtype(export.schema.field(column))
-    pending: list[np.ndarray] = []
-    pending_count = 0
-
-    def emit(final: bool) -> Iterator[torch.Tensor]:
-        nonlocal pending, pending_count
-        if not pending:
-            return
-        buffer = np.concatenate(pending) if len(pending) > 1 else pending[0]
-        if rng is not None:
-            buffer = buffer[rng.permutation(len(buffer))]
-        stop = len(buffer) if final else len(buffer) - len(buffer) % batch_size
-        for start in range(0, stop, batch_size):
-            chunk = buffer[start : start + batch_size]
-            if len(chunk) < batch_size and drop_last:
-                break
-            yield to_torch(chunk, dtype)
-        pending = [buffer[stop:]] if stop < len(buffer) else []
-        pending_count = len(buffer) - stop
-
-    threshold = max(shuffle_buffer or 0, batch_size)
-    opened: tuple[str, pq.ParquetFile] | None = None
-    for file, group in units:
-        if opened is None or opened[0] != file:  # units come file by file: each footer is read once
-            opened = (file, export.parquet_file(file))
-        table = opened[1].read_row_group(group, columns=[column])
-        vectors, _ = column_vectors(table.column(column))
-        if not len(vectors):
-            continue
-        pending.append(vectors)
-        pending_count += len(vectors)
-        if pending_count >= threshold:
-            yield from emit(final=False)
-    yield from emit(final=True)
-
-
-class TokenVectors(IterableDataset):
-    """A torch ``IterableDataset`` of one column's token vectors, in batches.
-
-    Use with ``DataLoader(TokenVectors(...), batch_size=None, num_workers=N)``: each worker reads its
-    own row groups, so the workers together yield every token exactly once.
-    """
-
-    def __init__(
-        self,
-        path: str | Path,
-        column: str,
-        batch_size: int,
-        shuffle_buffer: int | None = None,
-        seed: int = 0,
-        storage_options: StorageOptions = None,
-    ) -> None:
-        self.path, self.column, self.batch_size = str(path), column, batch_size
-        self.shuffle_buffer, self.seed, self.storage_options = shuffle_buffer, seed, storage_options
-
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        return iter_token_batches(
-            self.path,
-            self.column,
-            self.batch_size,
-            self.shuffle_buffer,
-            self.seed,
-            worker,
-            num_workers,
-            storage_options=self.storage_options,
-        )

@@ -9,13 +9,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import shutil
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from lightning.fabric.utilities.data import AttributeDict
 from lightning.pytorch import LightningModule, Trainer
@@ -23,20 +21,20 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from typing_extensions import override
 
 from actlightning.contracts import Batch, ExportPlan, Layout, Prediction
-from actlightning.files.manifest import CARD, CONFIG, MANIFEST, build_manifest, manifest_bytes, shard_names
-from actlightning.files.schema import batch_to_table, build_features, build_schema, check_finite
+from actlightning.files.manifest import CONFIG, shard_names
+from actlightning.files.schema import build_features, build_schema
 from actlightning.files.shard_file import Compression, ShardInfo, VectorEncoder, parquet_options
 from actlightning.files.storage import Location, open_location
-from actlightning.writer.card import render_card
+from actlightning.files.tables import batch_to_table, check_finite
+from actlightning.writer.ledger import Ledger
 from actlightning.writer.outputdir import ExportState, clean_output_dir, inspect_output_dir
 from actlightning.writer.planning import check_room, estimate
 from actlightning.writer.resume import complete_shards
 from actlightning.writer.settings import DEFINING, check_writer_settings
-from actlightning.writer.summary import data_summary, interrupted_text, run_numbers, summary_text
-from actlightning.writer.threads import ShardWriterPool
+from actlightning.writer.summary import interrupted_text, run_numbers, summary_text
+from actlightning.writer.threads import Encoded, ShardWriterPool
 
 log = logging.getLogger(__name__)
-REMOTE_MANIFEST_SECONDS = 30.0
 
 
 class ParquetShardWriter(BasePredictionWriter):
@@ -111,7 +109,6 @@ class ParquetShardWriter(BasePredictionWriter):
         self.plan: ExportPlan | None = None
         self.cost: dict | None = None
         self._writer: ShardWriterPool | None = None
-        self._known: dict[str, ShardInfo] = {}
 
     @property
     def hparams(self) -> AttributeDict:
@@ -151,8 +148,6 @@ class ParquetShardWriter(BasePredictionWriter):
         if stage != "predict":
             return
         plan = self._plan()
-        self._lock = threading.Lock()
-        self._manifest_written = 0.0
         state = self.inspect_output_dir(plan.settings)
         trainer.strategy.barrier("actlightning-inspected")
         if trainer.is_global_zero:
@@ -165,42 +160,25 @@ class ParquetShardWriter(BasePredictionWriter):
             self._staging.mkdir(parents=True, exist_ok=True)
         names = shard_names(self.location) if state in ("resume", "complete") else []
         existing, plan.done_example_ids = complete_shards(self.location, names)
-        self._known = {info.file: info for info in existing}
+        self._ledger = Ledger(self.location, plan, self.cost, existing)
         plan.taken_shard_indices = {info.shard_index for info in existing}
         # Built from the first batch: a hook point's vector width is only known from its output.
         self.schema: pa.Schema | None = None
         if trainer.is_global_zero:
             if plan.config_yaml is not None:
                 self.location.write_text(CONFIG, plan.config_yaml)
-            self._write_manifest(complete=False)
-
-    def _write_manifest(self, complete: bool, extra: dict | None = None) -> dict:
-        plan = self._plan()
-        with self._lock:
-            # Shards finished by other ranks are picked up from the listing; footers are read once.
-            for name in shard_names(self.location):
-                if name not in self._known:
-                    self._known[name] = ShardInfo.read(self.location, name)
-            planned = {"plan": self.cost} if self.cost is not None else {}
-            extra = {"data": data_summary(plan.data), **planned, **(extra or {})}
-            manifest = build_manifest(plan.settings, self._known.values(), complete, extra)
-            self.location.write_bytes(MANIFEST, manifest_bytes(manifest))
-            self._manifest_written = time.monotonic()
-            return manifest
+            self._ledger.write_manifest(complete=False)
 
     def _on_shard_done(self, info: ShardInfo) -> None:
-        self._known[info.file] = info
+        """On a writer thread: a shard is complete (and published)."""
         self.shards_done += 1
         self.bytes_done += info.bytes
-        # In a bucket the manifest is one PUT of the whole shard list (and a listing): at most every
-        # REMOTE_MANIFEST_SECONDS while running, always at the end. A resume reads the listing, not it.
-        if self.location.remote and time.monotonic() - self._manifest_written < REMOTE_MANIFEST_SECONDS:
-            return
-        self._write_manifest(complete=False)
+        self._ledger.shard_done(info)
 
     @override
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._started = time.perf_counter()
+        self._first_batch: float | None = None
         self.tokens_submitted = self.tokens_exported = self.bytes_done = self.shards_done = 0
         self._writer = None
         self._finished: list[ShardInfo] = []
@@ -226,14 +204,22 @@ class ParquetShardWriter(BasePredictionWriter):
             vector_encoder=h.vector_encoder,
         )
 
-    def _encode(self, item: tuple[Prediction, pa.Table | None]) -> tuple[pa.Table, int, int]:
+    def _encode(self, item: tuple[Prediction, pa.Table | None]) -> Encoded:
         """On a writer thread: wait for the device copy, refuse NaN/overflow, build the Arrow table."""
         prediction, labels = item
         if prediction.ready is not None:
             prediction.ready.synchronize()
         check_finite(prediction, self._plan().storage_dtype)
         table = batch_to_table(prediction, self.schema, labels, self.hparams.layout)
-        return table, int(prediction.n_tokens.sum()), len(prediction.n_tokens)
+        moments = {name: values.numpy() for name, values in prediction.moments.items()}
+        return table, int(prediction.n_tokens.sum()), len(prediction.n_tokens), moments
+
+    @override
+    def on_predict_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Batch, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        if self._first_batch is None:
+            self._first_batch = time.time()  # the first forward pass starts now
 
     @override
     def write_on_batch_end(
@@ -273,16 +259,12 @@ class ParquetShardWriter(BasePredictionWriter):
         forward, exported, shards = (int(x) for x in trainer.strategy.reduce(mine, reduce_op="sum").tolist())
         if trainer.is_global_zero:
             run = run_numbers(elapsed, forward, exported, shards)
-            manifest = self._write_manifest(complete=True, extra={"run": run})
-            self._write_card(manifest)
+            started = self._plan().process_started
+            if started is not None and self._first_batch is not None:
+                run["seconds_to_first_batch"] = round(self._first_batch - started, 2)
+            manifest = self._ledger.write_manifest(complete=True, extra={"run": run})
+            self._ledger.write_card(manifest)
             log.info(summary_text(manifest, shards))
-
-    def _write_card(self, manifest: dict) -> None:
-        names = sorted(self._known)
-        if names:
-            with self.location.open(names[0]) as handle:
-                schema = pq.read_schema(handle)
-            self.location.write_text(CARD, render_card(manifest, schema, self.location.url, self.location.remote))
 
     def _remove_staging(self) -> None:
         if self.location.remote and getattr(self, "_staging", None) is not None:

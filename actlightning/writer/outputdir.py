@@ -17,6 +17,7 @@ from actlightning.files.manifest import (
     FORMAT_VERSION,
     MANIFEST,
     REPORT,
+    STATS,
     read_manifest,
     settings_differences,
 )
@@ -28,7 +29,9 @@ ExportState = Literal["new", "resume", "complete", "overwrite"]
 
 def _own(entries: list[str]) -> list[str]:
     """Which of ``entries`` this tool writes (shards, temporary files, manifest, ...)."""
-    return [n for n in entries if n in (MANIFEST, CONFIG, CARD, REPORT) or is_tmp_file(n) or SHARD_PATTERN.match(n)]
+    return [
+        n for n in entries if n in (MANIFEST, CONFIG, CARD, REPORT, STATS) or is_tmp_file(n) or SHARD_PATTERN.match(n)
+    ]
 
 
 def own_files(location: Location | Path) -> list[str]:

@@ -55,7 +55,8 @@ def summary_text(manifest: dict, shards_this_run: int) -> str:
         f"export complete: {plural(totals.get('examples', totals['rows']), 'example')}, "
         f"{plural(totals['tokens'], 'token')} exported in {plural(totals['rows'], 'row')} ({layout} layout), "
         f"{plural(totals['shards'], 'shard')}, {human_bytes(totals['bytes'])}. "
-        f"This run: {plural(shards_this_run, 'shard')} in {run.get('seconds', 0):.1f} s; "
+        f"This run: {plural(shards_this_run, 'shard')} in {run.get('seconds', 0):.1f} s"
+        f"{_first_batch(run)}; "
         f"forward pass {run.get('forward_tokens', 0):,} tokens at "
         f"{run.get('forward_tokens_per_second', 0):,.0f} tokens/s, "
         f"exported {run.get('exported_tokens', 0):,} tokens at "
@@ -63,6 +64,11 @@ def summary_text(manifest: dict, shards_this_run: int) -> str:
         f"padding efficiency {'n/a' if efficiency is None else f'{efficiency:.3f}'}; "
         f"rows removed by each step: {data.get('removed', {})}"
     )
+
+
+def _first_batch(run: dict) -> str:
+    seconds = run.get("seconds_to_first_batch")
+    return "" if seconds is None else f" (first batch {seconds:.1f} s after the process started)"
 
 
 def loading_text(loading: dict) -> str:

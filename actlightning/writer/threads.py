@@ -11,8 +11,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from actlightning.files.shard_file import ShardFile, ShardInfo, ShardWriteError, VectorEncoder
+from actlightning.files.shard_file import ShardFile, ShardInfo, ShardWriteError, VectorEncoder, add_moments
 from actlightning.files.storage import Location, StorageError
+
+# What ``encode`` makes of a submitted batch: its table, tokens, examples and vector columns' sums.
+Encoded = tuple[pa.Table, int, int, dict[str, np.ndarray]]
 
 
 class BackgroundShardWriter:
@@ -31,7 +34,7 @@ class BackgroundShardWriter:
         rank: int,
         schema: pa.Schema,
         options: dict,
-        encode: Callable[[Any], tuple[pa.Table, int, int]],
+        encode: Callable[[Any], Encoded],
         max_pending: int = 4,
         on_shard_done: Callable[[ShardInfo], None] | None = None,
         name: str = "actlightning-writer",
@@ -54,7 +57,7 @@ class BackgroundShardWriter:
         self.shuffle_buffer = shuffle_buffer
         self.shuffle_seed = shuffle_seed
         self.vector_encoder = vector_encoder
-        self._buffer: list[tuple[pa.Table, int, int]] = []
+        self._buffer: list[Encoded] = []
         self._flushes = 0
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
@@ -84,7 +87,7 @@ class BackgroundShardWriter:
             raise AssertionError(
                 f"batch of shard {shard_index} arrived while shard {self._current.shard_index} is open"
             )
-        table, tokens, examples = self.encode(item)
+        encoded = self.encode(item)
         if self._current is None:
             self._current = ShardFile(
                 self.folder, shard_index, self.rank, self.schema, self.options, self.vector_encoder, self.location
@@ -93,11 +96,11 @@ class BackgroundShardWriter:
         path = self._current.tmp_path
         try:
             if self.shuffle_buffer:
-                self._buffer.append((table, tokens, examples))
+                self._buffer.append(encoded)
                 if len(self._buffer) >= self.shuffle_buffer or last_in_shard:
                     self._write_shuffled()
             else:
-                self._current.write(table, tokens, examples)
+                self._current.write(*encoded)
             if last_in_shard:
                 info = self._current.close()
                 self._current = None
@@ -115,13 +118,16 @@ class BackgroundShardWriter:
         The generator is seeded by (seed, shard, flush), so a shard's order never depends on threads.
         """
         assert self._current is not None, "a shard is open while its batches are buffered"
-        table = pa.concat_tables([t for t, _, _ in self._buffer])
-        tokens = sum(n for _, n, _ in self._buffer)
-        examples = sum(e for _, _, e in self._buffer)
+        table = pa.concat_tables([encoded[0] for encoded in self._buffer])
+        tokens = sum(encoded[1] for encoded in self._buffer)
+        examples = sum(encoded[2] for encoded in self._buffer)
+        moments: dict[str, np.ndarray] = {}
+        for encoded in self._buffer:
+            moments = add_moments(moments, encoded[3])
         self._buffer = []
         rng = np.random.default_rng([self.shuffle_seed, self._current.shard_index, self._flushes])
         self._flushes += 1
-        self._current.write(table.take(pa.array(rng.permutation(table.num_rows))), tokens, examples)
+        self._current.write(table.take(pa.array(rng.permutation(table.num_rows))), tokens, examples, moments)
 
     def raise_if_failed(self) -> None:
         if self._error is not None:

@@ -17,6 +17,7 @@ then measures, each phase in its own process so peak memory is its own:
     python tests/benchmarks/bench_export.py --only writer --vector-encoder arrow   # pyarrow's encoder, for comparison
     python tests/benchmarks/bench_export.py --hidden-size 256 --examples 128 --only export,scaling
     python tests/benchmarks/bench_export.py --only s3 --repeat 3      # local disk vs a local S3 server (moto)
+    python tests/benchmarks/bench_export.py --only startup --layers 6 --repeat 3   # process start -> first batch
 
 The scaling run needs enough batches (here 8 vs 32) to fill the writer pipeline in both runs; with
 only a couple of batches the 1x run never holds ``max_pending_batches`` in flight.
@@ -227,8 +228,9 @@ def phase_writer(args) -> dict:
     import torch
 
     from actlightning.contracts import Prediction
-    from actlightning.files.schema import batch_to_table, build_features, build_schema
+    from actlightning.files.schema import build_features, build_schema
     from actlightning.files.shard_file import parquet_options
+    from actlightning.files.tables import batch_to_table
     from actlightning.writer.threads import ShardWriterPool
 
     hidden, layers, rows, length = 768, 13 if args.layers == "all" else len(args.layers.split(",")), 16, 256
@@ -272,7 +274,7 @@ def phase_writer(args) -> dict:
 
 def phase_reader(args) -> dict:
     """Read one layer's token vectors back from the export with the streaming reader."""
-    from actlightning.read.reader import iter_token_batches
+    from actlightning.read.training import iter_token_batches
 
     start = time.perf_counter()
     tokens = nbytes = 0
@@ -466,7 +468,7 @@ def main() -> None:
         "--repeat", type=int, default=1, help="floor/export pairs to run (the median ratio is reported)"
     )
     parser.add_argument(
-        "--only", default="floor,export", help="phases: floor,export,scaling,writer,reader,load,data,s3"
+        "--only", default="floor,export", help="phases: floor,export,scaling,writer,reader,load,data,s3,startup"
     )
     parser.add_argument("--reader-layer", default="layer_6")
     parser.add_argument("--data-rows", type=int, default=100_000, help="rows of the data phase (and 4x that)")
@@ -546,6 +548,8 @@ def main() -> None:
         }
         report["load_layer1_rss_drop_over_bytes_saved"] = (grown["all"] - grown["layer1"]) / saved_mb
         report["load_layer1_time_fraction"] = short["seconds"] / full["seconds"]
+    if "startup" in phases:
+        report["startup"] = startup(args, common, workdir)
     if "writer" in phases:
         report["writer"] = run_phase("writer", args, **common)
     if "reader" in phases:
@@ -554,6 +558,42 @@ def main() -> None:
     print(text)
     if args.json:
         Path(args.json).write_text(text + "\n")
+
+
+def startup(args, common: dict, workdir: Path) -> dict:
+    """Seconds from process start to the first forward pass, through the real command line (``python
+    -m actlightning predict``, a new process each run) on a dataset whose tokens are cached: a first run
+    warms the token cache, then ``--repeat`` measured runs (the manifest's ``run.seconds_to_first_batch``,
+    and the whole process's wall time). Also the command line's imports alone, in a new process."""
+    settings = {
+        "model.checkpoint": common["model_dir"],
+        "model.layers": f"[{args.layers}]" if args.layers != "all" else None,
+        "data.path": "json",
+        "data.data_files": common["data"],
+        "data.input_column": "Transcript",
+        "data.batch_size": args.batch_size,
+        "writer.output_dir": str(workdir / "startup"),
+        "writer.overwrite": "true",
+        "writer.max_shards": 1,
+        "trainer.accelerator": "gpu" if args.device == "cuda" else "cpu",
+    }
+    command = [sys.executable, "-m", "actlightning", *_predict_args(settings)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    runs = []
+    for index in range(args.repeat + 1):
+        start = time.perf_counter()
+        result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO)
+        wall = time.perf_counter() - start
+        if result.returncode != 0:
+            raise RuntimeError(f"startup run failed:\n{result.stderr[-4000:]}")
+        manifest = json.loads((workdir / "startup" / "manifest.json").read_text())
+        if index:  # the first run tokenized into the cache
+            runs.append({"seconds_to_first_batch": manifest["run"]["seconds_to_first_batch"], "process_seconds": wall})
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import actlightning.face.cli"], check=True, env=env, cwd=REPO)
+    imports = time.perf_counter() - start
+    firsts = [r["seconds_to_first_batch"] for r in runs]
+    return {"runs": runs, "seconds_to_first_batch_median": float(np.median(firsts)), "imports_seconds": imports}
 
 
 def s3_against_local(args, common: dict, workdir: Path) -> dict:

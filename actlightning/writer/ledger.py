@@ -1,0 +1,84 @@
+"""The export's ledger: every complete shard (this rank's as they finish, other ranks' from the
+listing), the manifest rebuilt from them, the statistics summed from their footers, and the card."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from actlightning.contracts import ExportPlan
+from actlightning.files.manifest import CARD, MANIFEST, STATS, build_manifest, manifest_bytes, shard_names
+from actlightning.files.shard_file import ShardInfo, add_moments
+from actlightning.files.statistics import statistics
+from actlightning.files.storage import Location
+from actlightning.writer.card import render_card
+from actlightning.writer.summary import data_summary
+
+# In a bucket the manifest is one PUT of the whole shard list (and a listing): at most this often while
+# running, always at the end. A resume reads the listing, not the manifest.
+REMOTE_MANIFEST_SECONDS = 30.0
+
+
+class Ledger:
+    """What ``location`` holds of the export ``plan``; ``cost`` is the plan's estimate (the manifest's ``plan``)."""
+
+    def __init__(self, location: Location, plan: ExportPlan, cost: dict | None, shards: Iterable[ShardInfo]) -> None:
+        self.location, self.plan, self.cost = location, plan, cost
+        self.known = {info.file: info for info in shards}
+        self._lock = threading.Lock()
+        self._written = 0.0
+
+    def write_manifest(self, complete: bool, extra: dict | None = None) -> dict:
+        with self._lock:
+            # Shards finished by other ranks are picked up from the listing; footers are read once.
+            for name in shard_names(self.location):
+                if name not in self.known:
+                    self.known[name] = ShardInfo.read(self.location, name)
+            planned = {"plan": self.cost} if self.cost is not None else {}
+            extra = {"data": data_summary(self.plan.data), **planned, **(extra or {})}
+            stats = self.statistics() if complete else None
+            if stats:
+                extra["stats"] = {name: _scalars(column) for name, column in stats.items()}
+            manifest = build_manifest(self.plan.settings, self.known.values(), complete, extra)
+            if stats:
+                self.location.write_bytes(STATS, manifest_bytes({n: _lists(c) for n, c in stats.items()}))
+            self.location.write_bytes(MANIFEST, manifest_bytes(manifest))
+            self._written = time.monotonic()
+            return manifest
+
+    def shard_done(self, info: ShardInfo) -> None:
+        self.known[info.file] = info
+        if self.location.remote and time.monotonic() - self._written < REMOTE_MANIFEST_SECONDS:
+            return
+        self.write_manifest(complete=False)
+
+    def statistics(self) -> dict[str, dict[str, Any]]:
+        """Each vector column's statistics over every shard, from their footers' float64 sums (in shard
+        order: the same whatever the devices that wrote them). Empty when a shard lacks them."""
+        infos = sorted(self.known.values(), key=lambda info: (info.shard_index, info.file))
+        if not infos or any(info.moments is None for info in infos):
+            return {}
+        total: dict[str, np.ndarray] = {}
+        for info in infos:
+            total = add_moments(total, info.moments or {})
+        return {name: statistics(sums, sum(info.tokens for info in infos)) for name, sums in total.items()}
+
+    def write_card(self, manifest: dict) -> None:
+        names = sorted(self.known)
+        if names:
+            with self.location.open(names[0]) as handle:
+                schema = pq.read_schema(handle)
+            self.location.write_text(CARD, render_card(manifest, schema, self.location.url, self.location.remote))
+
+
+def _scalars(column: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in column.items() if not isinstance(value, np.ndarray)}
+
+
+def _lists(column: dict[str, Any]) -> dict[str, Any]:
+    return {key: value.tolist() if isinstance(value, np.ndarray) else value for key, value in column.items()}
