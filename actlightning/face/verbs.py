@@ -13,6 +13,7 @@ VERBS = {
         "actlightning.face.cli",
         "run an export (settings: --config FILE, --section.key value; see predict --help)",
     ),
+    "shuffle": ("actlightning.face.shuffle", "a global seeded shuffle of an export's token rows (for training)"),
     "publish": ("actlightning.face.publish", "upload an export to a Hugging Face dataset repository"),
     "inspect": ("actlightning.face.inspect", "what an export holds, read from its manifest (--json for a JSON object)"),
     "report": ("actlightning.read.report", "a picture of an export's activation norms (needs matplotlib)"),

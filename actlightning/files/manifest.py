@@ -26,23 +26,19 @@ FORMAT_VERSION = 2
 
 
 def library_versions() -> dict[str, str]:
-    import datasets
-    import lightning
-    import pyarrow
-    import torch
-    import transformers
+    """Versions of the libraries that made an export, from their installed metadata (importing them
+    would cost the light verbs seconds)."""
+    from importlib.metadata import PackageNotFoundError, version
 
     from actlightning import __version__
 
-    return {
-        "actlightning": __version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "lightning": lightning.__version__,
-        "transformers": transformers.__version__,
-        "datasets": datasets.__version__,
-        "pyarrow": pyarrow.__version__,
-    }
+    versions = {"actlightning": __version__, "python": platform.python_version()}
+    for name in ("torch", "lightning", "transformers", "datasets", "pyarrow"):
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
 
 
 def shard_names(location: Location | Path) -> list[str]:
