@@ -149,6 +149,7 @@ def test_published_exports_load_by_name_with_their_features(export, tmp_path, hu
     assert set(configs) == {"layers-1-3", "layer-2"}
     assert _data_files(repo, configs["layers-1-3"]) == sorted(f"layers-1-3/{p.name}" for p in export.glob("*.parquet"))
     assert (repo / "layers-1-3" / "manifest.json").exists() and (repo / "layer-2" / "README.md").exists()
+    assert "Mean token norm per column" in (repo / "layers-1-3" / "README.md").read_text()  # the statistics
     for name, source in (("layers-1-3", export), ("layer-2", other)):
         loaded = load_dataset(str(repo), name, split="train")
         expected = read_rows(source)

@@ -26,6 +26,14 @@ def _given(**settings: object) -> str:
     return f" ({', '.join(given)})" if given else ""
 
 
+def _norms(stats: dict | None) -> str:
+    """The statistics line: each vector column's mean norm (``stats.json`` has means and variances)."""
+    if not stats:
+        return ""
+    norms = ", ".join(f"`{name}` {column['mean_norm']:.4g}" for name, column in stats.items())
+    return f"\n- Mean token norm per column (as stored; `stats.json` holds means and variances): {norms}"
+
+
 def render_card(manifest: dict, schema: pa.Schema, folder: Path | str, remote: bool = False) -> str:
     """Markdown with Hub front matter: what model and data, which layers, the schema, how to load it.
 
@@ -63,6 +71,7 @@ def render_card(manifest: dict, schema: pa.Schema, folder: Path | str, remote: b
         shards=totals["shards"],
         bytes=f"{totals['bytes']:,}",
         removed=manifest.get("data", {}).get("removed", {}),
+        norms=_norms(manifest.get("stats")),
         complete=manifest["complete"],
         schema_rows="\n".join(f"| `{f.name}` | `{_describe_type(f)}` |" for f in schema),
         options_note=options_note,
