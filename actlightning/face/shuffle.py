@@ -62,13 +62,13 @@ def parse_size(text: str) -> int:
 
 def token_schema(source: Location, name: str) -> tuple[pa.Schema, tuple[str, ...]]:
     """The output schema (token layout, the source's labels and vectors, stored dtypes kept)."""
-    from datasets import Features
-
     with source.open(name) as handle:
         first = pq.ParquetFile(handle).read_row_group(0)
     schema = first.schema
     if "position" in schema.names:
         return schema, tuple(n for n in schema.names if is_vector_column(n))
+    from datasets import Features  # the sequence layout's label features, to rebuild the schema
+
     features = Features.from_arrow_schema(schema)
     vectors = [f.name for f in schema if is_vector_column(f.name)]
     dtype = cast(StorageDtype, stored_dtype(schema.field(vectors[0])))
