@@ -82,13 +82,19 @@ def test_inspect_shows_what_the_export_holds(export, capsys):
     assert info["model"]["layers"] == [1, 3] and info["dataset"]["input_column"] == "Transcript"
 
 
+def _unfinished_copy(export: Path, folder: Path) -> dict:
+    """A copy of ``export`` whose manifest says it is unfinished; returns the manifest."""
+    folder.mkdir()
+    for path in export.iterdir():
+        (folder / path.name).write_bytes(path.read_bytes())
+    manifest = json.loads((folder / "manifest.json").read_text())
+    (folder / "manifest.json").write_text(json.dumps({**manifest, "complete": False}))
+    return manifest
+
+
 def test_inspect_counts_missing_shards_and_reads_one_footer(export, tmp_path, monkeypatch, capsys):
     partial = tmp_path / "partial"
-    partial.mkdir()
-    for path in export.iterdir():
-        (partial / path.name).write_bytes(path.read_bytes())
-    manifest = json.loads((partial / "manifest.json").read_text())
-    (partial / "manifest.json").write_text(json.dumps({**manifest, "complete": False}))
+    manifest = _unfinished_copy(export, partial)
     sorted(partial.glob("shard-*.parquet"))[-1].unlink()
     from actlightning.files.storage import LocalLocation
 
@@ -113,11 +119,7 @@ def test_publish_dry_run_lists_files_and_touches_no_network(export, capsys, monk
 
 def test_publish_refuses_an_incomplete_export_in_one_line(export, tmp_path, hub, capsys):
     partial = tmp_path / "partial"
-    partial.mkdir()
-    for path in export.iterdir():
-        (partial / path.name).write_bytes(path.read_bytes())
-    manifest = json.loads((partial / "manifest.json").read_text())
-    (partial / "manifest.json").write_text(json.dumps({**manifest, "complete": False}))
+    _unfinished_copy(export, partial)
     with pytest.raises(SystemExit) as exit_:
         publish_verb.main([str(partial), "me/acts"])
     assert exit_.value.code == 2

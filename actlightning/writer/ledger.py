@@ -6,6 +6,8 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -17,6 +19,7 @@ from actlightning.files.shard_file import ShardInfo, add_moments
 from actlightning.files.statistics import statistics
 from actlightning.files.storage import Location
 from actlightning.writer.card import render_card
+from actlightning.writer.resume import READ_AHEAD
 from actlightning.writer.summary import data_summary
 
 # In a bucket the manifest is one PUT of the whole shard list (and a listing): at most this often while
@@ -29,7 +32,8 @@ class Ledger:
 
     def __init__(self, location: Location, plan: ExportPlan, cost: dict | None, shards: Iterable[ShardInfo]) -> None:
         self.location, self.plan, self.cost = location, plan, cost
-        self.known = {info.file: info for info in shards}
+        # Footers' sums are read again at the end, in shard order: kept here they would grow with the export.
+        self.known = {info.file: replace(info, moments=None) for info in shards}
         self._lock = threading.Lock()
         self._written = 0.0
 
@@ -38,7 +42,7 @@ class Ledger:
             # Shards finished by other ranks are picked up from the listing; footers are read once.
             for name in shard_names(self.location):
                 if name not in self.known:
-                    self.known[name] = ShardInfo.read(self.location, name)
+                    self.known[name] = replace(ShardInfo.read(self.location, name), moments=None)
             planned = {"plan": self.cost} if self.cost is not None else {}
             extra = {"data": data_summary(self.plan.data), **planned, **(extra or {})}
             stats = self.statistics() if complete else None
@@ -52,21 +56,24 @@ class Ledger:
             return manifest
 
     def shard_done(self, info: ShardInfo) -> None:
-        self.known[info.file] = info
+        self.known[info.file] = replace(info, moments=None)
         if self.location.remote and time.monotonic() - self._written < REMOTE_MANIFEST_SECONDS:
             return
         self.write_manifest(complete=False)
 
     def statistics(self) -> dict[str, dict[str, Any]]:
-        """Each vector column's statistics over every shard, from their footers' float64 sums (in shard
-        order: the same whatever the devices that wrote them). Empty when a shard lacks them."""
-        infos = sorted(self.known.values(), key=lambda info: (info.shard_index, info.file))
-        if not infos or any(info.moments is None for info in infos):
-            return {}
+        """Each vector column's statistics over every shard, from their footers' float64 sums, added in
+        shard order (the same whatever the devices, threads or resumes that wrote them), one footer at a
+        time. Empty when a shard lacks them."""
+        names = sorted(self.known, key=lambda name: (self.known[name].shard_index, name))
         total: dict[str, np.ndarray] = {}
-        for info in infos:
-            total = add_moments(total, info.moments or {})
-        return {name: statistics(sums, sum(info.tokens for info in infos)) for name, sums in total.items()}
+        with ThreadPoolExecutor(max_workers=READ_AHEAD) as pool:
+            for info in pool.map(lambda name: ShardInfo.read(self.location, name), names):
+                if info.moments is None:
+                    return {}
+                total = add_moments(total, info.moments)
+        tokens = sum(self.known[name].tokens for name in names)
+        return {name: statistics(sums, tokens) for name, sums in total.items()}
 
     def write_card(self, manifest: dict) -> None:
         names = sorted(self.known)
