@@ -146,7 +146,9 @@ def render(stats: dict[str, NormStats], lengths: np.ndarray, export, out: Path) 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="actlightning report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("output_dir", type=Path, help="an export folder (holding manifest.json)")
     parser.add_argument("--out", type=Path, default=None, help="PNG to write (default: OUTPUT_DIR/report.png)")
     args = parser.parse_args(argv)
