@@ -49,13 +49,14 @@ def test_two_processes_export_every_example_once(tmp_path, checkpoints, games_fi
 
 
 def _assert_same_statistics(a, b) -> None:
-    """Statistics (summed from every shard's footer) equal within float tolerance of the activations."""
+    """Statistics (summed from every shard's footer) equal within float tolerance of the activations:
+    a float16 value may round one ulp apart between runs, which moves a mean by ~1e-3 / count."""
     stats_a, stats_b = (json.loads((folder / "stats.json").read_text()) for folder in (a, b))
     assert sorted(stats_a) == sorted(stats_b)
     for column, values in stats_a.items():
         assert values["count"] == stats_b[column]["count"]
         for key in ("mean", "var", "mean_norm", "mean_squared_norm"):
-            np.testing.assert_allclose(values[key], stats_b[column][key], rtol=1e-6, atol=1e-9)
+            np.testing.assert_allclose(values[key], stats_b[column][key], rtol=1e-5, atol=1e-6)
 
 
 def _demo_args(out, *extra):

@@ -108,10 +108,10 @@ def scatter(job: ShuffleJob, task: int, shards: list[str], staging: Path) -> Non
         buckets = np.random.default_rng([job.seed, index]).integers(0, job.buckets, size=table.num_rows)
         order = np.argsort(buckets, kind="stable")  # rows of each bucket together, in source order
         bounds = np.searchsorted(buckets[order], np.arange(job.buckets + 1))
+        table = table.take(pa.array(order))  # one copy; each bucket's rows are then a slice of it
         for bucket in range(job.buckets):
-            rows = order[bounds[bucket] : bounds[bucket + 1]]
-            if len(rows):
-                parts[bucket].append(table.take(pa.array(rows)))
+            if bounds[bucket + 1] > bounds[bucket]:
+                parts[bucket].append(table.slice(bounds[bucket], bounds[bucket + 1] - bounds[bucket]))
     for bucket, tables in enumerate(parts):
         path = staging / f".{bucket_name(task, bucket)}.tmp"
         with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, job.schema) as writer:
