@@ -238,4 +238,8 @@ def test_shuffles_from_and_to_a_bucket(sources, bucket, tmp_path):
             fs.get_file(f"{bucket.name}/dst/{name}", str(local / name))
     assert _hashes(local) and _hashes(local) == _hashes(tmp_path / "local")
     assert not bucket.names("dst/.shuffle"), "temporaries removed"
+    from actlightning.face.inspect import describe
+
+    info = describe(bucket.url("dst"), bucket.options)  # inspect reads a bucket export too
+    assert info["complete"] and info["layout"] == "token" and info["shards"] == len(_hashes(local))
     assert scatter_module.SCRATCH == ".shuffle"

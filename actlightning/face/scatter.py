@@ -103,8 +103,12 @@ def scatter(job: ShuffleJob, task: int, shards: list[str], staging: Path) -> Non
     parts: list[list[pa.Table]] = [[] for _ in range(job.buckets)]
     for name in shards:
         index = int(name.split("-")[1])
-        with source.open(name) as handle:
-            table = token_rows(pq.read_table(handle), job.schema, job.vector_columns)
+        if source.remote:
+            with source.open(name) as handle:
+                table = pq.read_table(handle)
+        else:  # natively, not through a Python file object
+            table = pq.read_table(source.path(name), memory_map=True)
+        table = token_rows(table, job.schema, job.vector_columns)
         buckets = np.random.default_rng([job.seed, index]).integers(0, job.buckets, size=table.num_rows)
         order = np.argsort(buckets, kind="stable")  # rows of each bucket together, in source order
         bounds = np.searchsorted(buckets[order], np.arange(job.buckets + 1))

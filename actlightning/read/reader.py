@@ -111,7 +111,10 @@ class Export:
         return [self.location.path(name) for name in self.names]
 
     def parquet_file(self, name: str) -> pq.ParquetFile:
-        """One shard for ranged reads (its footer now, the row groups and columns asked for later)."""
+        """One shard for ranged reads (its footer now, the row groups and columns asked for later); a local
+        one memory-mapped (measured: a quarter faster than through a Python file object)."""
+        if not self.location.remote:
+            return pq.ParquetFile(self.location.path(name), memory_map=True)
         return pq.ParquetFile(self.location.open(name))
 
     @property
