@@ -10,7 +10,7 @@ import pytest
 import yaml
 from datasets import Array2D, load_dataset
 
-from tests.helpers import REPO, export_args, run_cli, run_export, run_main
+from tests.helpers import REPO, assert_rows_match_reference, export_args, read_rows, run_cli, run_export, run_main
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 
@@ -65,6 +65,34 @@ def test_cli_demo_config_with_overrides_loads_with_datasets(tmp_path):
     config = yaml.safe_load((out / "config.yaml").read_text())
     assert config["data"]["batch_size"] == 16
     assert config["writer"]["output_dir"] == str(out)
+    # From the command line, the summary and the manifest say when the first batch came.
+    first = manifest["run"]["seconds_to_first_batch"]
+    assert 0 < first < 300 and f"(first batch {first:.1f} s after the process started)" in result.stderr
+
+
+def test_weights_load_while_the_data_side_plans(tmp_path, checkpoints, games_file, monkeypatch):
+    """In one process the weights start loading on a thread before the data is selected and planned,
+    and the Trainer's configure_model takes them from that thread; in-process runs report no startup."""
+    from actlightning.data.module import ActivationDataModule
+    from actlightning.model.module import ActivationModule
+
+    events = []
+    for cls, name in ((ActivationModule, "start_loading"), (ActivationDataModule, "plan_export")):
+        original = getattr(cls, name)
+        monkeypatch.setattr(
+            cls, name, lambda self, *a, _o=original, _n=name, **k: events.append(_n) or _o(self, *a, **k)
+        )
+    taken = []
+    from actlightning.model import loading
+
+    result = loading.BackgroundLoad.result
+    monkeypatch.setattr(loading.BackgroundLoad, "result", lambda self: taken.append(1) or result(self))
+    run_export(checkpoints["gpt2"], games_file, tmp_path / "out")
+    assert events == ["start_loading", "plan_export"] and taken == [1]
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert "seconds_to_first_batch" not in manifest["run"]
+    texts = [json.loads(line)["Transcript"] for line in games_file.read_text().splitlines()]
+    assert_rows_match_reference(read_rows(tmp_path / "out"), texts, checkpoints["gpt2"])
 
 
 def test_console_script_is_installed():
