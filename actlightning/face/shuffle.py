@@ -14,6 +14,7 @@ import math
 import multiprocessing
 import re
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import cast
 
@@ -47,6 +48,7 @@ from actlightning.files.schema import build_features, build_schema, is_vector_co
 from actlightning.files.shard_file import ShardInfo
 from actlightning.files.storage import Location
 from actlightning.humanize import human_bytes, plural
+from actlightning.writer.resume import READ_AHEAD
 
 UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 # Bytes held per byte of a bucket or a task at its peak (the rows, their taken copy, Arrow's buffers).
@@ -194,7 +196,8 @@ def finish(job: ShuffleJob, manifest: dict, tasks: int) -> dict:
     """DST's manifest (the source's settings, the token layout and the shuffle), card, statistics;
     the temporaries removed."""
     source, destination, scratch = job.locations()
-    infos = [ShardInfo.read(destination, name) for name in shard_names(destination)]
+    with ThreadPoolExecutor(max_workers=READ_AHEAD) as pool:  # from a bucket, each footer is a round trip
+        infos = list(pool.map(lambda name: ShardInfo.read(destination, name), shard_names(destination)))
     settings = {**manifest["settings"], "layout": "token", "shuffle": job_state(job, manifest)}
     extra = {key: manifest[key] for key in ("data", "stats") if key in manifest}
     result = build_manifest(settings, infos, True, extra)
