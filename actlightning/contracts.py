@@ -110,7 +110,6 @@ class ExportPlan:
     n_pos: int | None  # exported tokens per sequence: the last n_pos, or all
     label_features: dict[str, Any]  # label column -> ``datasets`` feature
     model_loading: dict[str, Any]  # blocks and parameters loaded, next to the full model's
-    streaming: bool
     # Token count of each selected example, and the whole export's batches (positions into it)
     # grouped by shard; None when streaming (the stream decides as it goes).
     lengths: np.ndarray | None = None

@@ -176,16 +176,9 @@ class ActivationDataModule(LightningDataModule):
                 self.pad_id = self._tokenizer_loaded.pad_token_id
         return self._tokenizer_loaded
 
-    def prepare_data(self) -> None:
-        """Tokenize the split once, into ``datasets``' on-disk cache (Lightning runs this once per node;
-        every rank's plan, every rerun and every resume then read the cache)."""
-        if self.hparams.streaming or self.store is not None:
-            return  # nothing to cache, or already planned from the cache
-        dataset = load_split(self.source)
-        if not self.source.check_columns(dataset.data.schema):
-            tokenize_dataset(dataset, self.hparams.input_column, self._tokenizer(), self.hparams.num_proc)
-
     def setup(self, stage: str) -> None:
+        # The work is done before the Trainer runs: plan_export tokenizes into the on-disk cache (under a
+        # file lock, so several processes tokenize once), selects and plans.
         if self.plan is None:
             raise RuntimeError("plan_export() must run before the Trainer (the CLI runs it)")
 

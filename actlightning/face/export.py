@@ -51,7 +51,6 @@ def plan_export(
         n_pos=model.hparams.n_pos,
         label_features={},
         model_loading=model.load_plan(),
-        streaming=data.hparams.streaming,
         config_yaml=config_yaml,
         process_started=clock.STARTED,
     )

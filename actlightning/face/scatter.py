@@ -17,17 +17,14 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from actlightning.files.schema import (
     EXAMPLE_ID,
-    INPUT_IDS,
     POSITION,
-    START_POSITION,
-    TOKEN_ID,
     storage_array,
     storage_type,
+    token_columns,
 )
 from actlightning.files.shard_file import ShardFile, parquet_options, shard_name
 from actlightning.files.storage import Location, open_location
@@ -76,16 +73,9 @@ def token_rows(table: pa.Table, schema: pa.Schema, vector_columns: tuple[str, ..
     """A source table as token rows in ``schema`` (a token-layout table passes through)."""
     if POSITION in table.column_names:
         return table.select(schema.names).cast(schema) if table.schema != schema else table
-    lengths = pc.list_value_length(table.column(INPUT_IDS)).to_numpy()
-    rows = np.repeat(np.arange(table.num_rows), lengths)
-    starts = np.repeat(table.column(START_POSITION).to_numpy(), lengths)
-    within = np.arange(len(rows)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    columns = {
-        EXAMPLE_ID: pa.array(np.repeat(table.column(EXAMPLE_ID).to_numpy(), lengths), pa.int64()),
-        POSITION: pa.array((starts + within).astype(np.int32), pa.int32()),
-        TOKEN_ID: pc.list_flatten(table.column(INPUT_IDS)),
-    }
-    taken = pa.array(rows, pa.int64())
+    tokens, lengths = token_columns(table)
+    columns = {name: pa.array(values, schema.field(name).type) for name, values in tokens.items()}
+    taken = pa.array(np.repeat(np.arange(table.num_rows), lengths), pa.int64())
     for field in schema:
         if field.name in columns:
             continue

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 if TYPE_CHECKING:
     from datasets import Features
@@ -149,3 +150,17 @@ def stored_dtype(field: pa.Field) -> str:
 
 def is_vector_column(name: str) -> bool:
     return name.startswith(VECTOR_PREFIXES)
+
+
+def token_columns(table: pa.Table) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """A sequence-layout table's ``example_id``, ``position`` and ``token_id`` per exported token (in row
+    order), and the tokens of each row."""
+    lengths = pc.list_value_length(table.column(INPUT_IDS)).to_numpy()
+    starts = np.repeat(table.column(START_POSITION).to_numpy(), lengths)
+    within = np.arange(len(starts)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    columns = {
+        EXAMPLE_ID: np.repeat(table.column(EXAMPLE_ID).to_numpy(), lengths),
+        POSITION: (starts + within).astype(np.int32),
+        TOKEN_ID: pc.list_flatten(table.column(INPUT_IDS)).to_numpy(),
+    }
+    return columns, lengths

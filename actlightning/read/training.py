@@ -19,7 +19,15 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from actlightning.files.schema import EXAMPLE_ID, INPUT_IDS, POSITION, START_POSITION, TOKEN_ID, is_vector_column
+from actlightning.files.schema import (
+    EXAMPLE_ID,
+    INPUT_IDS,
+    POSITION,
+    START_POSITION,
+    TOKEN_ID,
+    is_vector_column,
+    token_columns,
+)
 from actlightning.read.reader import Export, StorageOptions, column_vectors, open_export, stored_dtype, to_torch
 
 Unit = tuple[str, int]  # (shard file, row group)
@@ -88,24 +96,13 @@ def batch_quotas(rows: list[list[int]], batch_size: int, workers: int) -> list[i
 
 def _token_columns(table: pa.Table, names: list[str], layout: str) -> dict[str, np.ndarray]:
     """Each asked-for column of one row group, one value (or vector) per token."""
+    tokens = token_columns(table)[0] if layout == "sequence" and not all(map(is_vector_column, names)) else {}
     out = {}
-    lengths = None
     for name in names:
         if is_vector_column(name):
             out[name] = column_vectors(table.column(name))[0]
-        elif layout == "token":
-            out[name] = table.column(name).to_numpy()
         else:
-            if lengths is None:
-                lengths = pa.compute.list_value_length(table.column(INPUT_IDS)).to_numpy()
-            if name == TOKEN_ID:
-                out[name] = pa.compute.list_flatten(table.column(INPUT_IDS)).to_numpy()
-            elif name == EXAMPLE_ID:
-                out[name] = np.repeat(table.column(EXAMPLE_ID).to_numpy(), lengths)
-            else:  # position: the first exported token's position, then one up per token
-                starts = np.repeat(table.column(START_POSITION).to_numpy(), lengths)
-                offsets = np.repeat(np.cumsum(lengths) - lengths, lengths)
-                out[name] = (starts + np.arange(len(starts)) - offsets).astype(np.int32)
+            out[name] = tokens[name] if layout == "sequence" else table.column(name).to_numpy()
     return out
 
 

@@ -133,7 +133,7 @@ def _data_module(model_dir: Path, data: Path, args) -> object:
         bucket_size=args.bucket_size,
         tokenizer=str(model_dir),
     )
-    plan = ExportPlan({}, [], {}, "float32", None, {}, {}, streaming=False)
+    plan = ExportPlan({}, [], {}, "float32", None, {}, {})
     dm.plan_export(plan, None, lambda batch: True, args.batches_per_shard, None)
     return dm
 
