@@ -20,13 +20,11 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import pyarrow.parquet as pq
-
 from actlightning.errors import ConfigError
 from actlightning.files.manifest import CARD, CONFIG, MANIFEST, REPORT, STATS, read_manifest, shard_names
 from actlightning.files.storage import Location, open_location
 from actlightning.humanize import human_bytes, plural
-from actlightning.writer.card import render_card
+from actlightning.writer.card import card_of
 
 # Shards of a bucket export downloaded (and uploaded, then deleted) at a time.
 STAGED_SHARDS = 8
@@ -113,10 +111,7 @@ def hub_card(manifest: dict, location: Location, target: Target, root: str | Non
     whose ``data_files`` are its shards; ``root`` is the card already there (None: this export's)."""
     from huggingface_hub import DatasetCard
 
-    names = shard_names(location)
-    with location.open(names[0]) as handle:
-        schema = pq.read_schema(handle)
-    card = DatasetCard(root if root is not None else render_card(manifest, schema, target.url))
+    card = DatasetCard(root if root is not None else card_of(manifest, location, shard_names(location)[0], target.url))
     config = {"config_name": target.config_name, "data_files": [{"split": "train", "path": target.path("*.parquet")}]}
     # A new root card declares this export alone (not the "*.parquet" of the export's own card).
     existing = card.data.get("configs") if root is not None else None

@@ -48,6 +48,7 @@ from actlightning.files.schema import build_features, build_schema, is_vector_co
 from actlightning.files.shard_file import ShardInfo
 from actlightning.files.storage import Location
 from actlightning.humanize import human_bytes, plural
+from actlightning.writer.card import card_of
 from actlightning.writer.resume import READ_AHEAD
 
 UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
@@ -205,11 +206,7 @@ def finish(job: ShuffleJob, manifest: dict, tasks: int) -> dict:
     if STATS in source.names():
         destination.write_bytes(STATS, source.read_bytes(STATS))
     destination.write_bytes(MANIFEST, manifest_bytes(result))
-    from actlightning.writer.card import render_card
-
-    with destination.open(infos[0].file) as handle:
-        schema = pq.read_schema(handle)
-    destination.write_text(CARD, render_card(result, schema, destination.url, destination.remote))
+    destination.write_text(CARD, card_of(result, destination, infos[0].file))
     for name in [*(bucket_name(t, b) for t in range(tasks) for b in range(job.buckets)), *map(done_name, range(tasks))]:
         scratch.delete(name)
     scratch.delete("shuffle.json")

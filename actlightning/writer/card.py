@@ -6,8 +6,10 @@ from pathlib import Path
 from string import Template
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from actlightning.files.schema import VECTOR_PREFIXES, storage_type
+from actlightning.files.storage import Location
 
 # The card's text: card.md beside this module, ``${name}`` filled in by render_card.
 TEMPLATE = Template((Path(__file__).parent / "card.md").read_text())
@@ -80,3 +82,11 @@ def render_card(manifest: dict, schema: pa.Schema, folder: Path | str, remote: b
         first=vectors[0] if vectors else "layer_0",
         versions=manifest.get("versions", {}),
     )
+
+
+def card_of(manifest: dict, location: Location, shard: str, url: str | None = None) -> str:
+    """The card of the export at ``location`` (its schema read from ``shard``'s footer); the loading
+    snippets point at ``url`` (unset: the location itself, with ``storage_options`` for a bucket)."""
+    with location.open(shard) as handle:
+        schema = pq.read_schema(handle)
+    return render_card(manifest, schema, url or location.url, location.remote and url is None)

@@ -11,14 +11,13 @@ from dataclasses import replace
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from actlightning.contracts import ExportPlan
 from actlightning.files.manifest import CARD, MANIFEST, STATS, build_manifest, manifest_bytes, shard_names
 from actlightning.files.shard_file import ShardInfo, add_moments
 from actlightning.files.statistics import statistics
 from actlightning.files.storage import Location
-from actlightning.writer.card import render_card
+from actlightning.writer.card import card_of
 from actlightning.writer.resume import READ_AHEAD
 from actlightning.writer.summary import data_summary
 
@@ -78,9 +77,7 @@ class Ledger:
     def write_card(self, manifest: dict) -> None:
         names = sorted(self.known)
         if names:
-            with self.location.open(names[0]) as handle:
-                schema = pq.read_schema(handle)
-            self.location.write_text(CARD, render_card(manifest, schema, self.location.url, self.location.remote))
+            self.location.write_text(CARD, card_of(manifest, self.location, names[0]))
 
 
 def _scalars(column: dict[str, Any]) -> dict[str, Any]:
